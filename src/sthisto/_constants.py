@@ -1,0 +1,111 @@
+"""Every AnnData key sthisto reads or writes, grouped by slot.
+
+Code never spells a key as a literal string: it names it here, so that a reader can see the
+whole data contract in one file (see ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class Obs:
+    """Columns of ``adata.obs``."""
+
+    LIBRARY_ID: Final = "library_id"
+    """Section / library of each spot (categorical)."""
+    PATIENT: Final = "patient"
+    """Donor, for patient-level splits (optional)."""
+    ARRAY_ROW: Final = "array_row"
+    """Integer grid row (her2st: ``y``)."""
+    ARRAY_COL: Final = "array_col"
+    """Integer grid column (her2st: ``x``)."""
+    LABEL: Final = "label"
+    """Pathologist annotation, where one exists."""
+    IN_TISSUE: Final = "in_tissue"
+    """Space Ranger's tissue flag."""
+    SPOT_ID: Final = "spot_id"
+    """Original spot identifier within its section (her2st ``<x>x<y>``, Visium barcode)."""
+
+
+class Obsm:
+    """Keys of ``adata.obsm``."""
+
+    SPATIAL: Final = "spatial"
+    """Spot centre in full-resolution pixels of its library's image, columns (x, y)."""
+
+
+class Obsp:
+    """Keys of ``adata.obsp`` (squidpy's names)."""
+
+    CONNECTIVITIES: Final = "spatial_connectivities"
+    DISTANCES: Final = "spatial_distances"
+
+
+class Layers:
+    """Default names of layers written by :mod:`sthisto.pp`."""
+
+    NORMALIZED: Final = "sthisto_target"
+    """Default layer of :func:`sthisto.pp.normalize`."""
+
+
+class Uns:
+    """Keys of ``adata.uns``."""
+
+    SPATIAL: Final = "spatial"
+    """scanpy/squidpy per-library image store: ``uns['spatial'][library_id]``."""
+    IMAGES: Final = "images"
+    SCALEFACTORS: Final = "scalefactors"
+    METADATA: Final = "metadata"
+    STHISTO: Final = "sthisto"
+    """Everything sthisto records: ``uns['sthisto'][<function>][<key_added>]``."""
+    MODELS: Final = "models"
+    """Trained-model records: ``uns['sthisto']['models'][<key_added>]``."""
+
+
+class Images:
+    """Keys inside ``uns['spatial'][library_id]['images']``."""
+
+    HIRES: Final = "hires"
+    LOWRES: Final = "lowres"
+    FULLRES: Final = "fullres"
+    """Full-resolution image (NumPy or lazy dask array), when held in the object."""
+
+
+class ScaleFactors:
+    """Keys inside ``uns['spatial'][library_id]['scalefactors']``."""
+
+    MICRONS_PER_PIXEL: Final = "microns_per_pixel"
+    """Physical size of one full-resolution pixel; sthisto adds it for every library."""
+    SPOT_DIAMETER: Final = "spot_diameter_fullres"
+    HIRES: Final = "tissue_hires_scalef"
+    LOWRES: Final = "tissue_lowres_scalef"
+    FULLRES: Final = "tissue_fullres_scalef"
+    SPOT_SPACING_UM: Final = "spot_spacing_um"
+    """Centre-to-centre distance of neighbouring spots in µm (200 legacy ST, 100 Visium)."""
+
+    @staticmethod
+    def for_image(image_key: str) -> str:
+        """Scale-factor key of an image key, as scanpy names it."""
+        return f"tissue_{image_key}_scalef"
+
+
+class Metadata:
+    """Keys inside ``uns['spatial'][library_id]['metadata']``."""
+
+    IMAGE_PATH: Final = "image_path"
+    """Path of the full-resolution image file read lazily when no ``fullres`` array is held."""
+    HAS_IMAGE: Final = "has_image"
+    """False for expression-only sections (e.g. her2st sections published without H&E)."""
+    SOURCE: Final = "source"
+
+
+class Var:
+    """Columns of ``adata.var``."""
+
+    GENE_SYMBOL: Final = "gene_symbol"
+
+    @staticmethod
+    def predicted(key_added: str) -> str:
+        """Column marking the genes a model stored under ``key_added`` predicts."""
+        return f"{key_added}_predicted"

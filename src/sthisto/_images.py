@@ -1,0 +1,271 @@
+"""Access to each library's H&E image without loading whole slides into memory.
+
+An :class:`ImageSource` reads rectangular regions of one image, in that image's pixel frame,
+as ``(height, width, 3)`` uint8 arrays. Regions reaching past the border are padded and the
+caller is told. Sources wrap an in-memory NumPy array, a lazy array (dask, zarr, SpatialData
+multiscale level) or a file read on demand (TIFF through tifffile's zarr store, region by
+region; JPEG/PNG decoded once on first use and cached, since these formats have no random
+access).
+
+:func:`image_source` finds the image of a library in the AnnData convention::
+
+    uns["spatial"][library_id]["images"]["fullres"]  # NumPy or dask array, if held
+    uns["spatial"][library_id]["metadata"]["image_path"]  # otherwise: a file read lazily
+    uns["spatial"][library_id]["images"]["hires"]  # only when asked by image_key
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._constants import Images, Metadata, ScaleFactors, Uns
+from ._errors import InputError, MissingKeyError, NoImageError
+
+PAD_VALUE = 255
+"""Fill value for pixels outside the image: white, like the glass around tissue."""
+
+
+def check_image_array(array, *, what: str = "image") -> None:
+    """Raise :class:`InputError` unless ``array`` is an RGB image sthisto can read.
+
+    Accepted: ``(height, width, 3)`` with dtype uint8, or float in [0, 1] (scanpy's convention
+    for ``hires``/``lowres`` images).
+    """
+    shape = tuple(array.shape)
+    if len(shape) == 2:
+        raise InputError(
+            f"{what} is grayscale with shape {shape}; sthisto needs RGB H&E. Convert it, e.g. "
+            f"np.repeat(img[..., None], 3, axis=-1), if it really is a stained section."
+        )
+    if len(shape) != 3 or shape[-1] not in (3, 4):
+        raise InputError(
+            f"{what} has shape {shape}; expected (height, width, 3) RGB. If channels come first "
+            f"(3, height, width), transpose it with img.transpose(1, 2, 0)."
+        )
+    if shape[-1] == 4:
+        raise InputError(f"{what} has 4 channels (RGBA). Drop the alpha channel first: img[..., :3].")
+    dtype = np.dtype(array.dtype)
+    if dtype == np.uint8 or np.issubdtype(dtype, np.floating):
+        return
+    raise InputError(
+        f"{what} has dtype {dtype}; sthisto reads 8-bit RGB. Rescale it to uint8, e.g. "
+        f"(img / img.max() * 255).astype(np.uint8) for a {dtype} image."
+    )
+
+
+def _to_uint8(region: np.ndarray) -> np.ndarray:
+    if region.dtype == np.uint8:
+        return region
+    return np.clip(np.rint(np.asarray(region, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+class ImageSource:
+    """Read regions of one RGB image, padding where the region leaves the image.
+
+    Parameters
+    ----------
+    array
+        Any array-like with ``shape == (height, width, 3)`` that supports slicing and
+        ``np.asarray``: NumPy, dask, zarr.
+    """
+
+    def __init__(self, array) -> None:
+        check_image_array(array)
+        self._array = array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return int(self._array.shape[0]), int(self._array.shape[1])
+
+    def read(self, y0: int, x0: int, height: int, width: int) -> tuple[np.ndarray, bool]:
+        """Read ``[y0:y0+height, x0:x0+width]``.
+
+        Returns
+        -------
+        region
+            ``(height, width, 3)`` uint8, padded with :data:`PAD_VALUE` outside the image.
+        clipped
+            True if any part of the region lay outside the image.
+        """
+        img_h, img_w = self.shape
+        ya, yb = max(y0, 0), min(y0 + height, img_h)
+        xa, xb = max(x0, 0), min(x0 + width, img_w)
+        clipped = (ya, yb, xa, xb) != (y0, y0 + height, x0, x0 + width)
+        if not clipped:
+            return _to_uint8(np.asarray(self._array[y0 : y0 + height, x0 : x0 + width, :3])), False
+        out = np.full((height, width, 3), PAD_VALUE, dtype=np.uint8)
+        if ya < yb and xa < xb:
+            out[ya - y0 : yb - y0, xa - x0 : xb - x0] = _to_uint8(np.asarray(self._array[ya:yb, xa:xb, :3]))
+        return out, True
+
+    def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+        """Return a downscaled copy (longest side ≤ ``max_side``) and its scale factor."""
+        height, width = self.shape
+        step = max(1, int(np.ceil(max(height, width) / max_side)))
+        return _to_uint8(np.asarray(self._array[::step, ::step, :3])), 1.0 / step
+
+
+@functools.lru_cache(maxsize=2)
+def _decode_file(path: str) -> np.ndarray:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # H&E slides are legitimately huge
+    with Image.open(path) as img:
+        if img.mode != "RGB":
+            raise InputError(
+                f"image file {path} has PIL mode {img.mode!r}; sthisto reads 8-bit RGB. Convert it "
+                f"(e.g. Image.open(path).convert('RGB').save(new_path)) and point to the new file."
+            )
+        return np.asarray(img)
+
+
+def _open_tiff(path: str):
+    """Open a (possibly pyramidal) TIFF's full-resolution level lazily as a zarr array."""
+    import tifffile
+    import zarr
+
+    store = tifffile.imread(path, aszarr=True, level=0)
+    array = zarr.open(store, mode="r")
+    if hasattr(array, "shape"):
+        return array
+    return array["0"]  # multiscale group: level 0 is full resolution
+
+
+def open_image_file(path: str | Path) -> ImageSource:
+    """Open an image file for region reads; TIFFs stay lazy, JPEG/PNG decode once and are cached."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingKeyError(
+            f"image file {str(path)!r} does not exist. If the data moved, update "
+            f"uns['spatial'][library_id]['metadata']['image_path'] to its new location."
+        )
+    if path.suffix.lower() in (".tif", ".tiff", ".svs", ".btf"):
+        try:
+            return ImageSource(_open_tiff(str(path)))
+        except InputError:
+            raise
+        except Exception as err:
+            raise InputError(f"could not read {str(path)!r} as a TIFF image: {err}") from err
+    try:
+        return ImageSource(_decode_file(str(path.resolve())))
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"could not read {str(path)!r} as an image: {err}") from err
+
+
+@dataclass(frozen=True)
+class LibraryImage:
+    """A library's image together with its geometry.
+
+    Attributes
+    ----------
+    source
+        Region reader in the image's own pixel frame.
+    scale
+        Image pixels per full-resolution pixel (1 for the full-resolution image; scanpy's
+        ``tissue_hires_scalef`` for ``hires``).
+    microns_per_pixel
+        µm per *image* pixel.
+    """
+
+    source: ImageSource
+    scale: float
+    microns_per_pixel: float
+
+
+def library_spatial(adata, library_id: str) -> dict:
+    """Return ``adata.uns['spatial'][library_id]`` or raise a clear error."""
+    spatial = adata.uns.get(Uns.SPATIAL)
+    if spatial is None:
+        raise MissingKeyError(
+            "adata.uns['spatial'] is missing: sthisto finds images and scale factors there. "
+            "Read the data with a sthisto.io reader, or add uns['spatial'][library_id] with "
+            "'images' and 'scalefactors' (including 'microns_per_pixel')."
+        )
+    if library_id not in spatial:
+        raise MissingKeyError(
+            f"adata.uns['spatial'] has no entry for library {library_id!r} (it has "
+            f"{sorted(spatial)}). Check obs['library_id'] or add the library's images."
+        )
+    return spatial[library_id]
+
+
+def microns_per_pixel(adata, library_id: str) -> float:
+    """µm per full-resolution pixel of a library, from its scale factors."""
+    scalefactors = library_spatial(adata, library_id).get(Uns.SCALEFACTORS, {})
+    value = scalefactors.get(ScaleFactors.MICRONS_PER_PIXEL)
+    if value is None or not np.isfinite(value) or value <= 0:
+        raise MissingKeyError(
+            f"library {library_id!r} has no valid scalefactors['microns_per_pixel']. sthisto "
+            f"readers add it; for your own data set it from the scanner's metadata, e.g. "
+            f"adata.uns['spatial'][{library_id!r}]['scalefactors']['microns_per_pixel'] = 0.5."
+        )
+    return float(value)
+
+
+def has_image(adata, library_id: str) -> bool:
+    """Whether a library carries (or points to) an image usable for patches."""
+    entry = adata.uns.get(Uns.SPATIAL, {}).get(library_id)
+    if entry is None:
+        return False
+    flag = entry.get(Uns.METADATA, {}).get(Metadata.HAS_IMAGE)
+    if flag is not None:
+        return bool(flag)
+    images = entry.get(Uns.IMAGES, {})
+    return bool(images) or Metadata.IMAGE_PATH in entry.get(Uns.METADATA, {})
+
+
+def image_source(adata, library_id: str, *, image_key: str | None = None) -> LibraryImage:
+    """Find the image of ``library_id``.
+
+    Parameters
+    ----------
+    adata
+        AnnData in the scanpy/squidpy spatial convention.
+    library_id
+        The library (section).
+    image_key
+        ``None`` uses the full-resolution image (held ``fullres`` array, else the file at
+        ``metadata['image_path']``). Any other key (``"hires"``, or one written by
+        :func:`sthisto.pp.stain_normalize`) uses that image with its scale factor.
+
+    Returns
+    -------
+    The :class:`LibraryImage`.
+    """
+    entry = library_spatial(adata, library_id)
+    mpp = microns_per_pixel(adata, library_id)
+    images = entry.get(Uns.IMAGES, {})
+    metadata = entry.get(Uns.METADATA, {})
+    scalefactors = entry.get(Uns.SCALEFACTORS, {})
+    if metadata.get(Metadata.HAS_IMAGE) is False:
+        raise NoImageError(
+            f"library {library_id!r} has no H&E image (loaded as expression-only data), so no "
+            f"patches or image features can be made for it. Restrict the call to libraries with "
+            f"images, e.g. adata[adata.obs['library_id'] != {library_id!r}]."
+        )
+    key = image_key or Images.FULLRES
+    if key in images:
+        array = images[key]
+        check_image_array(array, what=f"uns['spatial'][{library_id!r}]['images'][{key!r}]")
+        scale = 1.0 if key == Images.FULLRES else scalefactors.get(ScaleFactors.for_image(key))
+        if scale is None:
+            raise MissingKeyError(
+                f"image {key!r} of library {library_id!r} has no scale factor "
+                f"{ScaleFactors.for_image(key)!r} in uns['spatial'][{library_id!r}]['scalefactors']; "
+                f"add it (image pixels per full-resolution pixel)."
+            )
+        return LibraryImage(ImageSource(array), float(scale), mpp / float(scale))
+    if image_key is None and Metadata.IMAGE_PATH in metadata:
+        return LibraryImage(open_image_file(metadata[Metadata.IMAGE_PATH]), 1.0, mpp)
+    raise NoImageError(
+        f"library {library_id!r} has no image under key {key!r} (available: {sorted(images)}"
+        + (", plus the file in metadata['image_path']" if Metadata.IMAGE_PATH in metadata else "")
+        + "). Pass image_key= one of those, or attach the full-resolution image."
+    )

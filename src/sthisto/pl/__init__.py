@@ -1,0 +1,8 @@
+"""Plotting: gene maps over the H&E, metric distributions, training curves, domain maps."""
+
+from .._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {},
+)

@@ -1,0 +1,203 @@
+"""Spot-centred image patches of a physical size, read lazily and in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from .._constants import Obs, Obsm
+from .._errors import InputError, MissingKeyError
+from .._images import LibraryImage, image_source
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """Geometry of the patches a method sees.
+
+    Parameters
+    ----------
+    size_px
+        Side of the patch handed to the network, in pixels.
+    size_um
+        Physical side of the field of view in µm. The crop covers ``size_um`` at the image's
+        own µm/px and is resampled to ``size_px``, so slides scanned at different resolutions
+        give the same field of view. ``None`` crops ``size_px`` native pixels without
+        resampling (the authors' behaviour, resolution-dependent).
+    layout
+        ``"chw"`` (channels, rows, columns) is the normal orientation. ``"cwh"`` reproduces the
+        THItoGene/HGGEF reference code, which transposes patches to (channels, x, y).
+    """
+
+    size_px: int = 112
+    size_um: float | None = None
+    layout: Literal["chw", "cwh"] = "chw"
+
+    def __post_init__(self) -> None:
+        if int(self.size_px) != self.size_px or self.size_px < 1:
+            raise InputError(f"PatchSpec.size_px={self.size_px!r} must be a positive integer.")
+        if self.size_um is not None and not (np.isfinite(self.size_um) and self.size_um > 0):
+            raise InputError(f"PatchSpec.size_um={self.size_um!r} must be a positive number of µm or None.")
+        if self.layout not in ("chw", "cwh"):
+            raise InputError(f"PatchSpec.layout={self.layout!r}; use 'chw' (default) or 'cwh' (reference).")
+
+    def crop_side(self, image_microns_per_pixel: float) -> int:
+        """Side of the crop in image pixels before resampling."""
+        if self.size_um is None:
+            return int(self.size_px)
+        return max(1, int(round(self.size_um / image_microns_per_pixel)))
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for manifests."""
+        return asdict(self)
+
+
+def spot_coordinates(adata) -> np.ndarray:
+    """Return ``obsm['spatial']`` as a float (n_obs, 2) array of (x, y), checking it."""
+    if Obsm.SPATIAL not in adata.obsm:
+        raise MissingKeyError(
+            "adata.obsm['spatial'] is missing: spot centres (x, y) in full-resolution pixels are "
+            "needed to cut patches. Read the data with a sthisto.io reader or set it yourself."
+        )
+    coords = np.asarray(adata.obsm[Obsm.SPATIAL], dtype=float)
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise InputError(f"adata.obsm['spatial'] has shape {coords.shape}; expected (n_obs, 2) columns (x, y).")
+    if not np.isfinite(coords[:, :2]).all():
+        bad = int((~np.isfinite(coords[:, :2])).any(axis=1).sum())
+        raise InputError(
+            f"adata.obsm['spatial'] has {bad} spots with NaN or infinite coordinates; drop them "
+            f"(adata = adata[np.isfinite(adata.obsm['spatial']).all(axis=1)].copy()) or fix them."
+        )
+    return coords[:, :2]
+
+
+def library_ids(adata) -> np.ndarray:
+    """Return ``obs['library_id']`` as strings, or raise a clear error."""
+    if Obs.LIBRARY_ID not in adata.obs:
+        raise MissingKeyError(
+            "adata.obs['library_id'] is missing: sthisto needs to know the section of every spot. "
+            "For a single section: adata.obs['library_id'] = pd.Categorical(['<name>'] * adata.n_obs)."
+        )
+    return adata.obs[Obs.LIBRARY_ID].astype(str).to_numpy()
+
+
+class PatchDataset:
+    """Spot-centred patches of an AnnData's spots, as a map-style torch ``Dataset``.
+
+    Images are opened lazily per library and patches are cut on request, never all at once:
+    memory stays bounded by the batch, whatever the slide size. Patches that reach past the
+    image border are padded with white and flagged in :attr:`clipped`, never shifted.
+
+    Parameters
+    ----------
+    adata
+        AnnData in the sthisto convention (``obs['library_id']``, ``obsm['spatial']``,
+        ``uns['spatial'][library_id]`` with ``microns_per_pixel``).
+    spec
+        Patch geometry; see :class:`PatchSpec`.
+    image_key
+        Image to cut from; ``None`` is the full-resolution image (see :func:`image_source`).
+    indices
+        Positions (into ``adata.obs``) of the spots to serve; default all.
+
+    Examples
+    --------
+    >>> ds = PatchDataset(adata, spec=PatchSpec(size_px=112, size_um=77.0))
+    >>> patches, clipped = ds.read_batch(range(16))  # uint8 tensor (16, 3, 112, 112)
+    """
+
+    def __init__(
+        self,
+        adata,
+        *,
+        spec: PatchSpec | None = None,
+        image_key: str | None = None,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        self.spec = spec or PatchSpec()
+        self.image_key = image_key
+        coords = spot_coordinates(adata)
+        libraries = library_ids(adata)
+        self.indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=int)
+        self._library = libraries[self.indices]
+        self._images: dict[str, LibraryImage] = {}
+        n = len(self.indices)
+        self._origin = np.zeros((n, 2), dtype=np.int64)  # (y0, x0) in the image frame
+        self._side = np.zeros(n, dtype=np.int64)
+        self.clipped = np.zeros(n, dtype=bool)
+        """Per served spot: True if its patch reaches past the image border (padded)."""
+        for library in np.unique(self._library):
+            image = image_source(adata, library, image_key=image_key)
+            self._images[library] = image
+            rows = np.flatnonzero(self._library == library)
+            side = self.spec.crop_side(image.microns_per_pixel)
+            height, width = image.source.shape
+            if side > min(height, width):
+                raise InputError(
+                    f"patch side of {side} px ({self.spec.size_um} µm at "
+                    f"{image.microns_per_pixel:.3g} µm/px) is larger than library {library!r}'s "
+                    f"image ({height} × {width} px). Use a smaller size_um, or check "
+                    f"microns_per_pixel in its scalefactors."
+                )
+            centre = coords[self.indices[rows]] * image.scale  # (x, y) in image pixels
+            outside = (centre[:, 0] < 0) | (centre[:, 1] < 0) | (centre[:, 0] >= width) | (centre[:, 1] >= height)
+            if outside.any():
+                names = adata.obs_names[self.indices[rows[outside]]][:5].tolist()
+                raise InputError(
+                    f"{int(outside.sum())} spots of library {library!r} lie outside its "
+                    f"{height} × {width} px image (e.g. {names}). obsm['spatial'] must be (x, y) "
+                    f"in full-resolution pixels; drop those spots or fix the coordinates or scale factors."
+                )
+            origin = np.rint(centre - side / 2.0).astype(np.int64)
+            self._origin[rows, 0] = origin[:, 1]
+            self._origin[rows, 1] = origin[:, 0]
+            self._side[rows] = side
+            self.clipped[rows] = (
+                (origin[:, 0] < 0) | (origin[:, 1] < 0) | (origin[:, 0] + side > width) | (origin[:, 1] + side > height)
+            )
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int):
+        patches, _ = self.read_batch([item])
+        return patches[0]
+
+    def __getitems__(self, items: Sequence[int]):
+        patches, _ = self.read_batch(items)
+        return list(patches)
+
+    def read_batch(self, items: Sequence[int]):
+        """Cut the patches of positions ``items`` (into this dataset, not into ``adata``).
+
+        Returns
+        -------
+        patches
+            uint8 tensor ``(len(items), 3, size_px, size_px)`` (transposed for ``layout="cwh"``),
+            raw 0–255 values.
+        clipped
+            Boolean array, True where the patch was padded at the image border.
+        """
+        import torch
+
+        items = np.asarray(list(items), dtype=int)
+        size = int(self.spec.size_px)
+        out = torch.empty((len(items), 3, size, size), dtype=torch.uint8)
+        # Spots of one library share a crop side, so each library's crops resample as one batch.
+        for library in np.unique(self._library[items]):
+            positions = np.flatnonzero(self._library[items] == library)
+            side = int(self._side[items[positions[0]]])
+            source = self._images[library].source
+            crops = np.stack([source.read(*self._origin[items[p]], side, side)[0] for p in positions])
+            batch = torch.from_numpy(crops).permute(0, 3, 1, 2)
+            if side != size:
+                batch = torch.nn.functional.interpolate(
+                    batch.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                )
+                batch = batch.round_().clamp_(0, 255).to(torch.uint8)
+            out[torch.from_numpy(positions)] = batch
+        if self.spec.layout == "cwh":
+            out = out.transpose(-1, -2).contiguous()
+        return out, self.clipped[items]
