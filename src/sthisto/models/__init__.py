@@ -4,5 +4,10 @@ from .._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
-    {},
+    {
+        "create": "._registry",
+        "list_models": "._registry",
+        "register_method": "._registry",
+        "ExpressionModel": "._base",
+    },
 )

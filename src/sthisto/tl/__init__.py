@@ -4,5 +4,10 @@ from .._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
-    {},
+    {
+        "list_methods": "._train",
+        "train": "._train",
+        "predict": "._train",
+        "get_model": "._train",
+    },
 )

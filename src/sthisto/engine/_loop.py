@@ -1,0 +1,350 @@
+"""The one training loop: Lightning drives every method.
+
+Lightning provides device placement, mixed precision on GPU, multi-GPU / multi-node DDP
+(``devices``, ``strategy``, ``num_nodes`` are passed through), checkpoints and resume, early
+stopping and the progress bar. sthisto adds what makes runs repeatable and resumable to the
+same weights: an epoch-seeded sampler that also shards across DDP ranks, and a callback that
+reseeds torch at every epoch start (so dropout and augmentations depend only on seed and epoch,
+not on how many epochs ran in this process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .._device import lightning_accelerator
+from .._errors import InputError
+from .._logging import logger
+from ..pp._patches import library_ids
+
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
+
+
+class ItemDataset(Dataset):
+    """A list of ready items (whole-section batches, or per-spot dicts to collate)."""
+
+    def __init__(self, items: Sequence[dict]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffle with a generator seeded by ``(seed, epoch)``; shard across DDP ranks.
+
+    The order of epoch ``e`` depends on nothing but ``seed`` and ``e``, so a run resumed from
+    a checkpoint sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, n_items: int, *, seed: int, shuffle: bool = True) -> None:
+        self.n_items = n_items
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before each epoch."""
+        self.epoch = epoch
+
+    def _rank_world(self) -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n_items, generator=generator).tolist()
+        else:
+            order = list(range(self.n_items))
+        rank, world = self._rank_world()
+        if world > 1:  # every rank must take the same number of steps: pad by wrapping
+            per_rank = -(-self.n_items // world)
+            order = (order * world)[: per_rank * world]
+            order = order[rank::world]
+        return iter(order)
+
+    def __len__(self) -> int:
+        _, world = self._rank_world()
+        return -(-self.n_items // world)
+
+
+class _ExpressionModule(pl.LightningModule):
+    """LightningModule around any :class:`~sthisto.models.ExpressionModel`'s network."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.network = model.network
+        self._model = model
+
+    def forward(self, batch):
+        return self.network(**self._model.network_inputs(batch))
+
+    def _step(self, batch, stage: str):
+        loss = self._model.masked_loss(self(batch), batch)
+        size = int(batch["loss_mask"].sum()) if "loss_mask" in batch else len(next(iter(batch.values())))
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=max(size, 1), sync_dist=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        return self._model.configure_optimizers(self.network)
+
+
+class _EpochReseed(pl.Callback):
+    """Reseed torch at each epoch start from (seed, epoch, rank)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        torch.manual_seed(self.seed * 7919 + trainer.current_epoch * 104_729 + trainer.global_rank)
+
+
+class _History(pl.Callback):
+    """Collect per-epoch train/validation loss; keep the best weights when validating."""
+
+    def __init__(self, model, *, keep_best: bool) -> None:
+        self.model = model
+        self.keep_best = keep_best
+        self.best_loss = float("inf")
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_epoch: int | None = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        history = self.model.history
+        epoch = trainer.current_epoch
+        history["epoch"].append(int(epoch))
+        history["train_loss"].append(float(metrics["train_loss"]) if "train_loss" in metrics else float("nan"))
+        val = float(metrics["val_loss"]) if "val_loss" in metrics else float("nan")
+        history["val_loss"].append(val)
+        if self.keep_best and np.isfinite(val) and val < self.best_loss:
+            self.best_loss = val
+            self.best_epoch = int(epoch)
+            self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.network.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.model.history, "best_loss": self.best_loss, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Resuming continues the history of the interrupted run.
+        self.model.history = {k: list(v) for k, v in state_dict["history"].items()}
+        self.best_loss = state_dict["best_loss"]
+        self.best_epoch = state_dict["best_epoch"]
+
+
+def split_validation(
+    adata, train_index: np.ndarray, validation, *, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Split training spots into fitting and validation parts, from training data only.
+
+    Parameters
+    ----------
+    validation
+        ``None``: no validation. A float in (0, 1): that fraction of each training section's
+        spots has its expression withheld from the loss and scores validation (their image is
+        still seen as context, as at prediction time). A list of library ids: whole training
+        sections held out for validation.
+
+    Returns
+    -------
+    fit_mask, val_mask
+        Boolean arrays aligned with ``train_index``.
+    val_libraries
+        Libraries held out whole (empty for a spot fraction).
+    """
+    n = len(train_index)
+    if validation is None or validation is False:
+        return np.ones(n, bool), np.zeros(n, bool), []
+    libraries = library_ids(adata)[train_index]
+    if isinstance(validation, float):
+        if not 0.0 < validation < 1.0:
+            raise InputError(f"validation={validation} must be a fraction in (0, 1), a list of library ids, or None.")
+        rng = np.random.default_rng(seed)
+        val_mask = np.zeros(n, bool)
+        for library in np.unique(libraries):
+            rows = np.flatnonzero(libraries == library)
+            n_val = int(round(validation * len(rows)))
+            if n_val == 0 or n_val == len(rows):
+                continue
+            val_mask[rng.choice(rows, size=n_val, replace=False)] = True
+        return ~val_mask, val_mask, []
+    chosen = [str(v) for v in ([validation] if isinstance(validation, str) else validation)]
+    unknown = sorted(set(chosen) - set(libraries))
+    if unknown:
+        raise InputError(
+            f"validation libraries {unknown} are not among the training spots' libraries "
+            f"{sorted(set(libraries))}. Validation must come from the training data."
+        )
+    val_mask = np.isin(libraries, chosen)
+    if val_mask.all():
+        raise InputError("validation holds out every training library; keep at least one for fitting.")
+    return ~val_mask, val_mask, chosen
+
+
+@contextlib.contextmanager
+def _quiet_lightning(verbose: bool):
+    if verbose:
+        yield
+        return
+    previous = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        try:
+            yield
+        finally:
+            for name, level in previous.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def _loader(items: list[dict], batch_size: int | None, *, seed: int, shuffle: bool) -> DataLoader:
+    dataset = ItemDataset(items)
+    sampler = EpochShuffleSampler(len(dataset), seed=seed, shuffle=shuffle)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0)
+
+
+def fit_model(
+    model,
+    adata,
+    train_index: np.ndarray,
+    *,
+    targets: np.ndarray,
+    counts: np.ndarray | None = None,
+    size_factors: np.ndarray | None = None,
+    validation=None,
+    early_stopping: int | None = None,
+    seed: int = 0,
+    max_epochs: int | None = None,
+    device="auto",
+    devices=None,
+    strategy="auto",
+    num_nodes: int = 1,
+    precision: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress_bar: bool = True,
+    verbose: bool = False,
+) -> None:
+    """Train ``model.network`` on the spots ``train_index`` with Lightning.
+
+    Arrays (``targets``, ``counts``, ``size_factors``) are aligned with ``train_index``.
+    See :func:`sthisto.tl.train` for the meaning of each parameter.
+    """
+    pl.seed_everything(seed, workers=True, verbose=False)
+    fit_mask, val_mask, val_libraries = split_validation(adata, train_index, validation, seed=seed)
+    libraries = library_ids(adata)[train_index]
+
+    sections = model.sections(adata, train_index, targets=targets, counts=counts, size_factors=size_factors)
+    train_sections, val_sections = [], []
+    position = {obs: row for row, obs in enumerate(train_index)}
+    for section in sections:
+        rows = np.fromiter((position[i] for i in section.obs_index), dtype=int, count=section.n_spots)
+        if section.library_id in val_libraries:
+            val_sections.append(section)
+            continue
+        if val_mask[rows].any():
+            val_copy = type(section)(section.library_id, section.obs_index, dict(section.tensors))
+            val_copy.tensors["loss_mask"] = torch.as_tensor(val_mask[rows])
+            val_sections.append(val_copy)
+            section.tensors["loss_mask"] = torch.as_tensor(fit_mask[rows])
+        train_sections.append(section)
+    del libraries
+
+    train_items, batch_size = model.training_items(train_sections)
+    val_items, _ = model.training_items(val_sections) if val_sections else ([], None)
+    if model.batching == "spots":  # per-spot items: drop spots whose targets the loss must not see
+        train_items = [i for i in train_items if bool(i.pop("loss_mask", True))]
+        val_items = [i for i in val_items if bool(i.pop("loss_mask", True))]
+    if not train_items:
+        raise InputError("no training spots remain after the validation split; use a smaller validation.")
+
+    epochs = int(max_epochs if max_epochs is not None else model.training_params["max_epochs"])
+    accelerator, auto_devices = lightning_accelerator(device)
+    if precision is None:
+        precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
+    history = _History(model, keep_best=bool(val_items))
+    callbacks: list[pl.Callback] = [_EpochReseed(seed), history]
+    if early_stopping and val_items:
+        callbacks.append(pl.callbacks.EarlyStopping(monitor="val_loss", patience=int(early_stopping), mode="min"))
+    elif early_stopping:
+        raise InputError("early_stopping needs a validation split (validation=0.1 or a list of libraries).")
+    ckpt_path = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        callbacks.append(
+            pl.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+        )
+        last = checkpoint_dir / "last.ckpt"
+        if resume and last.exists():
+            ckpt_path = str(last)
+            logger.info("resuming training from %s", last)
+    elif resume:
+        raise InputError("resume=True needs checkpoint_dir=<folder of an earlier run>.")
+
+    model.history = {"epoch": [], "train_loss": [], "val_loss": []}
+    module = _ExpressionModule(model)
+    with _quiet_lightning(verbose):
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator=accelerator,
+            devices=devices if devices is not None else auto_devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            precision=precision,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=checkpoint_dir is not None,
+            enable_progress_bar=progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+            log_every_n_steps=1,
+            default_root_dir=str(checkpoint_dir) if checkpoint_dir is not None else None,
+        )
+        trainer.fit(
+            module,
+            train_dataloaders=_loader(train_items, batch_size, seed=seed, shuffle=True),
+            val_dataloaders=_loader(val_items, batch_size, seed=seed, shuffle=False) if val_items else None,
+            ckpt_path=ckpt_path,
+        )
+    if history.best_state is not None:
+        model.network.load_state_dict(history.best_state)
+        logger.info("kept the weights of epoch %d (lowest validation loss %.4g)", history.best_epoch, history.best_loss)
+    model.network.to("cpu")
+    model.trained_on = {
+        "libraries": sorted(set(library_ids(adata)[train_index])),
+        "n_spots": int(len(train_index)),
+        "n_fit_spots": int(fit_mask.sum()),
+        "validation": validation if not isinstance(validation, (list, tuple)) else list(validation),
+        "validation_libraries": val_libraries,
+        "n_validation_spots": int(val_mask.sum()),
+        "selected_epoch": history.best_epoch if history.best_state is not None else len(model.history["epoch"]) - 1,
+        "seed": int(seed),
+        "max_epochs": epochs,
+        "precision": str(precision),
+    }

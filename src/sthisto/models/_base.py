@@ -1,0 +1,528 @@
+"""The thin AnnData-aware class every method shares (scvi-tools' ``_model.py`` pattern).
+
+A method = a plain :class:`torch.nn.Module` (its network, built by :func:`sthisto.models.create`)
+plus a subclass of :class:`ExpressionModel` that declares, as class attributes, what the
+network needs (pixels or features, a graph, positions), the paper's defaults (patch geometry,
+target transform, optimiser, epochs) and, where needed, its loss. Everything else — turning
+AnnData sections into batches, the training loop, prediction section by section, storing in
+``uns``, save/load — is shared here and in :mod:`sthisto.engine`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._constants import Obs, Obsm
+from .._errors import InputError, MissingKeyError
+from .._logging import logger
+from ..pp._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
+
+MANIFEST_FORMAT = "sthisto-model"
+MANIFEST_VERSION = 1
+
+# Keys of the data/training parameter groups every method understands; methods extend them.
+_COMMON_DATA_DEFAULTS: dict[str, Any] = {
+    "target": "log10_1e4",
+    "n_positions": None,
+    "image_key": None,
+    "features_key": None,
+    "patch_size_px": None,
+    "patch_size_um": None,
+    "patch_layout": "chw",
+    "graph_neighbors": None,
+    "graph_max_distance": None,
+    "prediction_chunk_spots": None,
+}
+_COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "max_epochs": 100,
+    "batch_size": None,
+}
+
+
+@dataclass
+class Section:
+    """Inputs of one section (or part of one), ready for a network.
+
+    Attributes
+    ----------
+    library_id
+        The section.
+    obs_index
+        Positions into the AnnData of the spots, in tensor row order.
+    tensors
+        Batch-contract tensors (see ``docs/architecture.md``); CPU tensors.
+    """
+
+    library_id: str
+    obs_index: np.ndarray
+    tensors: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_spots(self) -> int:
+        """Number of spots."""
+        return len(self.obs_index)
+
+
+class ExpressionModel:
+    """Base class of a trained (or trainable) expression-prediction model.
+
+    Subclasses set the class attributes below and usually nothing else; methods with
+    special losses or batching override :meth:`loss`, :meth:`training_items` or
+    :meth:`predict_section`.
+
+    Parameters
+    ----------
+    genes
+        The genes the model predicts, in output order.
+    network_params
+        Keyword arguments of the network (defaults: the paper's).
+    data_params
+        Patch geometry, target transform, graph, positions, feature key.
+    training_params
+        Optimiser and loop settings.
+
+    Attributes
+    ----------
+    network
+        The :class:`torch.nn.Module`.
+    history
+        Per-epoch losses (``{"epoch": [...], "train_loss": [...], "val_loss": [...]}``).
+    """
+
+    # --- registry metadata -------------------------------------------------------------
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    input_kind: ClassVar[str] = "pixels"  # "pixels" | "features"
+    needs_graph: ClassVar[bool] = False
+    section_wide: ClassVar[bool] = False
+    default_loss: ClassVar[str] = "mse"
+    reference: ClassVar[str] = ""
+    network_class: ClassVar[type | None] = None
+    batching: ClassVar[str] = "section"  # "section" | "spots"
+    uses_positions: ClassVar[bool] = False
+    uses_counts: ClassVar[bool] = False
+
+    # --- paper defaults ----------------------------------------------------------------
+    data_defaults: ClassVar[dict[str, Any]] = {}
+    training_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        genes: Sequence[str],
+        *,
+        network_params: Mapping[str, Any] | None = None,
+        data_params: Mapping[str, Any] | None = None,
+        training_params: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.genes = [str(g) for g in genes]
+        if len(set(self.genes)) != len(self.genes):
+            raise InputError("the gene list has duplicates; pass unique gene names.")
+        if not self.genes:
+            raise InputError("the model needs at least one gene to predict.")
+        self.network_params = dict(network_params or {})
+        self.data_params = {**self.all_data_defaults(), **dict(data_params or {})}
+        self.training_params = {**self.all_training_defaults(), **dict(training_params or {})}
+        self.history: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": []}
+        self.trained_on: dict[str, Any] = {}
+        self.network = self.create_network(n_genes=len(self.genes), **self.network_params)
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def all_data_defaults(cls) -> dict[str, Any]:
+        """Data parameters with this method's defaults."""
+        return {**_COMMON_DATA_DEFAULTS, **cls.data_defaults}
+
+    @classmethod
+    def all_training_defaults(cls) -> dict[str, Any]:
+        """Training parameters with this method's defaults."""
+        return {**_COMMON_TRAINING_DEFAULTS, **cls.training_defaults}
+
+    @classmethod
+    def network_parameter_names(cls) -> list[str]:
+        """Keyword arguments the network constructor accepts (besides ``n_genes``)."""
+        if cls.network_class is None:
+            return []
+        signature = inspect.signature(cls.network_class.__init__)
+        return [p for p in signature.parameters if p not in ("self", "n_genes", "args", "kwargs")]
+
+    @classmethod
+    def create_network(cls, *, n_genes: int, **params):
+        """Build the network with the paper's defaults overridden by ``params``."""
+        if cls.network_class is None:
+            raise InputError(f"method {cls.name!r} has no neural network (it is not built by create()).")
+        return cls.network_class(n_genes, **params)
+
+    @classmethod
+    def split_params(cls, params: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+        """Route user keyword arguments to the network, data and training groups."""
+        network_names = set(cls.network_parameter_names())
+        data_names = set(cls.all_data_defaults())
+        training_names = set(cls.all_training_defaults())
+        network, data, training, unknown = {}, {}, {}, []
+        for key, value in params.items():
+            if key in data_names:
+                data[key] = value
+            elif key in training_names:
+                training[key] = value
+            elif key in network_names:
+                network[key] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            valid = sorted(network_names | data_names | training_names)
+            raise InputError(f"method {cls.name!r} does not accept {sorted(unknown)}. Valid parameters: {valid}.")
+        return network, data, training
+
+    @classmethod
+    def configure(cls, adata, *, genes: Sequence[str], train_index: np.ndarray, params: Mapping[str, Any]):
+        """Create an untrained model whose data-dependent settings follow the training data."""
+        network, data, training = cls.split_params(params)
+        data = {**cls.all_data_defaults(), **data}
+        if cls.uses_positions and data.get("n_positions") is None:
+            positions = grid_positions(adata[train_index])
+            paper = cls.network_default("n_positions", 64)
+            data["n_positions"] = max(int(paper), int(positions.max()) + 1 if len(positions) else 1)
+        if cls.uses_positions:
+            network.setdefault("n_positions", data["n_positions"])
+        if cls.input_kind == "features":
+            key = data.get("features_key")
+            if key is None or key not in adata.obsm:
+                raise MissingKeyError(
+                    f"method {cls.name!r} reads image features from adata.obsm[{key!r}], which is "
+                    f"missing. Compute them first with sthisto.pp.embed(adata, encoder=...), and pass "
+                    f"features_key='<the obsm key>'."
+                )
+            data["features_dim"] = int(np.asarray(adata.obsm[key]).shape[1])
+        return cls(genes, network_params=network, data_params=data, training_params=training)
+
+    @classmethod
+    def network_default(cls, name: str, fallback: Any = None) -> Any:
+        """Default value of a network constructor argument."""
+        if cls.network_class is None:
+            return fallback
+        parameter = inspect.signature(cls.network_class.__init__).parameters.get(name)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            return fallback
+        return parameter.default
+
+    # --- data --------------------------------------------------------------------------
+    @property
+    def patch_spec(self) -> PatchSpec:
+        """Patch geometry the network sees."""
+        return PatchSpec(
+            size_px=int(self.data_params["patch_size_px"]),
+            size_um=self.data_params["patch_size_um"],
+            layout=self.data_params["patch_layout"],
+        )
+
+    def check_inputs(self, adata, index: np.ndarray) -> None:
+        """Raise a clear error if ``adata`` lacks what this model reads (before any work)."""
+        library_ids(adata)
+        if self.uses_positions:
+            positions = grid_positions(adata[index])
+            high = int(positions.max()) if len(positions) else 0
+            if high >= self.data_params["n_positions"]:
+                raise InputError(
+                    f"grid positions reach {high} but this model's position table holds "
+                    f"{self.data_params['n_positions']} entries (set when it was trained). Predict on "
+                    f"sections with array coordinates below that, or retrain with n_positions >= {high + 1}."
+                )
+        if self.input_kind == "features":
+            key = self.data_params["features_key"]
+            if key not in adata.obsm:
+                raise MissingKeyError(
+                    f"this model reads features from adata.obsm[{key!r}], which is missing. Compute them "
+                    f"with the same encoder as in training: sthisto.pp.embed(adata, ..., key_added={key!r})."
+                )
+            dim = np.asarray(adata.obsm[key]).shape[1]
+            if dim != self.data_params.get("features_dim", dim):
+                raise InputError(
+                    f"adata.obsm[{key!r}] has {dim} features but the model was trained on "
+                    f"{self.data_params['features_dim']}; embed with the training encoder."
+                )
+        if self.input_kind == "pixels":
+            spot_coordinates(adata)
+
+    def sections(
+        self,
+        adata,
+        index: np.ndarray,
+        *,
+        targets: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
+        size_factors: np.ndarray | None = None,
+        loss_mask: np.ndarray | None = None,
+    ) -> list[Section]:
+        """Build one :class:`Section` per library among the spots ``index``.
+
+        Per-spot arrays (``targets``, ``counts``, ...) are aligned with ``index``.
+        """
+        import torch
+
+        libraries = library_ids(adata)[index]
+        out = []
+        for library in pd_unique(libraries):
+            rows = np.flatnonzero(libraries == library)
+            obs_index = index[rows]
+            tensors: dict[str, Any] = {}
+            tensors.update(self.section_inputs(adata, obs_index))
+            if targets is not None:
+                tensors["target"] = torch.as_tensor(targets[rows], dtype=torch.float32)
+            if counts is not None:
+                tensors["counts"] = torch.as_tensor(counts[rows], dtype=torch.float32)
+            if size_factors is not None:
+                tensors["size_factors"] = torch.as_tensor(size_factors[rows], dtype=torch.float32)
+            if loss_mask is not None:
+                tensors["loss_mask"] = torch.as_tensor(loss_mask[rows], dtype=torch.bool)
+            out.append(Section(str(library), obs_index, tensors))
+        return out
+
+    def section_inputs(self, adata, obs_index: np.ndarray) -> dict[str, Any]:
+        """Network inputs of one section's spots (patches/features, positions, graph)."""
+        import torch
+
+        tensors: dict[str, Any] = {}
+        if self.input_kind == "pixels":
+            dataset = PatchDataset(adata, spec=self.patch_spec, image_key=self.data_params["image_key"], indices=obs_index)
+            patches, clipped = dataset.read_batch(range(len(dataset)))
+            if clipped.any():
+                logger.info(
+                    "%d of %d patches of library %r reach past the image border and are padded.",
+                    int(clipped.sum()),
+                    len(clipped),
+                    str(adata.obs[Obs.LIBRARY_ID].iloc[obs_index[0]]),
+                )
+            tensors["patches"] = patches
+        else:
+            features = np.asarray(adata.obsm[self.data_params["features_key"]])[obs_index]
+            tensors["features"] = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        if self.uses_positions or self.needs_graph:
+            positions = grid_positions(adata[obs_index])
+            tensors["positions"] = torch.as_tensor(positions, dtype=torch.int64)
+        if self.needs_graph:
+            from ..pp._graph import knn_edge_index
+
+            edges = knn_edge_index(
+                positions.astype(float),
+                n_neighbors=int(self.data_params["graph_neighbors"]),
+                max_distance=self.data_params["graph_max_distance"],
+            )
+            tensors["edge_index"] = torch.as_tensor(edges, dtype=torch.int64)
+        if Obsm.SPATIAL in adata.obsm:
+            tensors["coords"] = torch.as_tensor(spot_coordinates(adata)[obs_index], dtype=torch.float32)
+        return tensors
+
+    def network_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Select the keys the network's ``forward`` takes."""
+        keys = getattr(self.network, "input_keys", ())
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise InputError(f"the batch lacks {missing} needed by the {self.name} network.")
+        return {k: batch[k] for k in keys}
+
+    # --- training hooks ----------------------------------------------------------------
+    def training_items(self, sections: list[Section]) -> tuple[list[dict], int | None]:
+        """Turn sections into the items one optimisation step consumes.
+
+        Returns
+        -------
+        items
+            For ``batching="section"``: one dict per section (a whole section per step). For
+            ``"spots"``: one dict per spot, collated into minibatches.
+        batch_size
+            ``None`` when each item already is a batch, else the minibatch size.
+        """
+        if self.batching == "section":
+            return [s.tensors for s in sections], None
+        if self.batching == "spots":
+            items = []
+            for section in sections:
+                per_spot_keys = [k for k, v in section.tensors.items() if k != "edge_index" and hasattr(v, "shape")]
+                for row in range(section.n_spots):
+                    items.append({k: section.tensors[k][row] for k in per_spot_keys})
+            return items, int(self.training_params.get("batch_size") or 32)
+        raise InputError(f"unknown batching {self.batching!r} for method {self.name!r}.")
+
+    def loss(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]):
+        """Training loss on the spots selected by the batch's ``loss_mask`` (default: MSE)."""
+        from torch.nn import functional as F
+
+        return F.mse_loss(outputs["prediction"], batch["target"])
+
+    def masked_loss(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]):
+        """Apply ``batch['loss_mask']`` (if any) to per-spot tensors, then :meth:`loss`."""
+        mask = batch.get("loss_mask")
+        if mask is None:
+            return self.loss(outputs, batch)
+        shape = tuple(mask.shape)
+
+        def select(value):
+            if hasattr(value, "shape") and tuple(value.shape[: len(shape)]) == shape:
+                return value[mask]
+            return value
+
+        return self.loss({k: select(v) for k, v in outputs.items()}, {k: select(v) for k, v in batch.items()})
+
+    def configure_optimizers(self, network):
+        """Optimiser (and scheduler) of the paper; default Adam with ``lr`` and ``weight_decay``."""
+        import torch
+
+        return torch.optim.Adam(
+            network.parameters(), lr=float(self.training_params["lr"]), weight_decay=float(self.training_params["weight_decay"])
+        )
+
+    def fit(self, adata, train_index: np.ndarray, **fit_params) -> ExpressionModel:
+        """Train on the spots ``train_index`` (see :func:`sthisto.tl.train` for parameters)."""
+        from ..engine._loop import fit_model
+
+        fit_model(self, adata, train_index, **fit_params)
+        return self
+
+    # --- prediction --------------------------------------------------------------------
+    def predict_section(self, section: Section, *, device) -> np.ndarray:
+        """Predict one section; returns ``(n_spots, n_genes)`` float32 (model output scale)."""
+        import torch
+
+        network = self.network
+        network.eval()
+        if self.batching == "spots" or not self.section_wide:
+            batch_size = int(self.training_params.get("batch_size") or 256) * 4
+            outputs = []
+            per_spot = {k: v for k, v in section.tensors.items() if k != "edge_index" and hasattr(v, "shape")}
+            with torch.inference_mode():
+                for start in range(0, section.n_spots, batch_size):
+                    batch = {k: v[start : start + batch_size].to(device) for k, v in per_spot.items()}
+                    outputs.append(network(**self.network_inputs(batch))["prediction"].float().cpu())
+            return torch.cat(outputs).numpy()
+        with torch.inference_mode():
+            batch = {k: v.to(device) for k, v in section.tensors.items()}
+            return network(**self.network_inputs(batch))["prediction"].float().cpu().numpy()
+
+    def predict(self, adata, index: np.ndarray | None = None, *, device="auto") -> np.ndarray:
+        """Predict the model's genes for spots ``index`` of ``adata`` (default all), section by section.
+
+        Returns
+        -------
+        ``(len(index), n_genes)`` float32 array in the model's target scale.
+        """
+        from .._device import resolve_device
+
+        index = np.arange(adata.n_obs) if index is None else np.asarray(index)
+        self.check_inputs(adata, index)
+        device = resolve_device(device)
+        self.network.to(device)
+        result = np.zeros((len(index), len(self.genes)), dtype=np.float32)
+        position = {obs: row for row, obs in enumerate(index)}
+        try:
+            for section in self.sections(adata, index):
+                rows = np.fromiter((position[i] for i in section.obs_index), dtype=int, count=section.n_spots)
+                result[rows] = self.predict_section(section, device=device)
+        finally:
+            self.network.to("cpu")
+        return result
+
+    # --- persistence -------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        """JSON-serialisable description from which the model is rebuilt (without weights)."""
+        from .. import __version__
+
+        return {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "sthisto_version": __version__,
+            "method": self.name,
+            "genes": self.genes,
+            "network_params": self.network_params,
+            "data_params": self.data_params,
+            "training_params": self.training_params,
+            "history": self.history,
+            "trained_on": self.trained_on,
+        }
+
+    def state_tensors(self) -> dict[str, Any]:
+        """Tensors that, with the manifest, fully define the trained model."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
+
+    def load_state_tensors(self, tensors: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_tensors`; strict about names and shapes."""
+        result = self.network.load_state_dict(dict(tensors), strict=True)
+        del result
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> ExpressionModel:
+        """Rebuild an untrained model with the manifest's settings."""
+        model = cls(
+            manifest["genes"],
+            network_params=manifest.get("network_params"),
+            data_params=manifest.get("data_params"),
+            training_params=manifest.get("training_params"),
+        )
+        model.history = {k: list(v) for k, v in manifest.get("history", {}).items()}
+        model.trained_on = dict(manifest.get("trained_on", {}))
+        return model
+
+    def to_record(self) -> dict[str, Any]:
+        """The record stored in ``uns['sthisto']['models'][key]``: JSON manifest + safetensors bytes."""
+        from safetensors.torch import save
+
+        return {
+            "manifest": json.dumps(self.manifest()),
+            "weights": np.frombuffer(save(self.state_tensors()), dtype=np.uint8).copy(),
+        }
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model to a folder: ``manifest.json`` + ``weights.safetensors``.
+
+        Parameters
+        ----------
+        path
+            Target folder (created).
+        overwrite
+            Replace an existing saved model in that folder.
+
+        Returns
+        -------
+        The folder's path. Load it with :func:`sthisto.io.load_model`.
+        """
+        from ..io._model import save_model
+
+        return save_model(self, path, overwrite=overwrite)
+
+    def __repr__(self) -> str:
+        epochs = len(self.history.get("epoch", []))
+        return f"{type(self).__name__}(method={self.name!r}, genes={len(self.genes)}, epochs_trained={epochs})"
+
+
+def grid_positions(adata) -> np.ndarray:
+    """Integer grid coordinates ``(n_obs, 2)``, columns (x, y) = (array_col, array_row)."""
+    missing = [k for k in (Obs.ARRAY_COL, Obs.ARRAY_ROW) if k not in adata.obs]
+    if missing:
+        raise MissingKeyError(
+            f"adata.obs lacks {missing}: this method embeds integer grid positions. Readers set "
+            f"them; for your own data add obs['array_col'] / obs['array_row'] (integers from 0)."
+        )
+    values = adata.obs[[Obs.ARRAY_COL, Obs.ARRAY_ROW]].to_numpy()
+    if not np.isfinite(values.astype(float)).all():
+        raise InputError("obs['array_col'] / obs['array_row'] contain NaN; every spot needs grid coordinates.")
+    if (values.astype(float) != np.round(values.astype(float))).any():
+        raise InputError("obs['array_col'] / obs['array_row'] must be integers (grid indices), not pixels.")
+    values = values.astype(np.int64)
+    if len(values) and values.min() < 0:
+        raise InputError("obs['array_col'] / obs['array_row'] contain negative values; shift them to start at 0.")
+    return values
+
+
+def pd_unique(values: np.ndarray) -> list:
+    """Unique values in order of first appearance."""
+    _, first = np.unique(values, return_index=True)
+    return [values[i] for i in np.sort(first)]

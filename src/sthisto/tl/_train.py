@@ -1,0 +1,437 @@
+"""``tl.train``, ``tl.predict``, ``tl.list_methods`` and ``tl.get_model``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._anndata import check_writable, maybe_copy, record, sthisto_uns, write
+from .._constants import Obs, Uns, Var
+from .._errors import InputError, MissingKeyError
+from .._logging import logger
+from ..pp._patches import library_ids
+
+SELECTED_GENES_KEY = "sthisto_selected"
+"""Default ``var`` column written by :func:`sthisto.pp.select_genes`; ``train`` uses it when present."""
+
+
+def list_methods() -> pd.DataFrame:
+    """Describe every registered method.
+
+    Returns
+    -------
+    One row per method: ``name``, ``aliases``, ``variants``, ``input`` (pixels or features),
+    ``needs_graph``, ``section_wide_attention``, ``default_loss``, ``reference`` (the paper).
+
+    Examples
+    --------
+    >>> sthisto.tl.list_methods()[["name", "input", "needs_graph"]]
+    """
+    from ..models._registry import _METHODS, _load_builtins
+
+    _load_builtins()
+    rows = []
+    for name, cls in sorted(_METHODS.items()):
+        rows.append(
+            {
+                "name": name,
+                "aliases": ", ".join(cls.aliases),
+                "variants": ", ".join(f"{name}_{v}" for v in cls.variants),
+                "input": cls.input_kind,
+                "needs_graph": bool(cls.needs_graph),
+                "section_wide_attention": bool(cls.section_wide),
+                "default_loss": cls.default_loss,
+                "reference": cls.reference,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _resolve_genes(adata, genes) -> list[str]:
+    var_names = adata.var_names.astype(str)
+    if genes is None:
+        if SELECTED_GENES_KEY in adata.var:
+            chosen = var_names[adata.var[SELECTED_GENES_KEY].to_numpy(dtype=bool)].tolist()
+            logger.info("training on the %d genes in var[%r]", len(chosen), SELECTED_GENES_KEY)
+        else:
+            chosen = var_names.tolist()
+    elif isinstance(genes, str):
+        if genes not in adata.var:
+            raise MissingKeyError(
+                f"genes={genes!r} is neither a var column nor a list: pass a list of gene names or the "
+                f"name of a boolean var column (e.g. written by sthisto.pp.select_genes)."
+            )
+        chosen = var_names[adata.var[genes].to_numpy(dtype=bool)].tolist()
+    else:
+        chosen = [str(g) for g in genes]
+        missing = [g for g in chosen if g not in set(var_names)]
+        if missing:
+            raise MissingKeyError(
+                f"{len(missing)} requested genes are not in adata.var_names (e.g. {missing[:5]}). "
+                f"Restrict the list to measured genes, e.g. [g for g in genes if g in adata.var_names]."
+            )
+    if not chosen:
+        raise InputError("no genes selected for training; check genes= or var['sthisto_selected'].")
+    if len(set(chosen)) != len(chosen):
+        raise InputError("the gene list has duplicates; pass unique gene names.")
+    return chosen
+
+
+def _resolve_train_index(adata, train_mask) -> np.ndarray:
+    if train_mask is None:
+        return np.arange(adata.n_obs)
+    if isinstance(train_mask, str):
+        train_mask = [train_mask]
+    values = np.asarray(train_mask)
+    if values.dtype == bool:
+        if values.shape != (adata.n_obs,):
+            raise InputError(f"train_mask has shape {values.shape}; a boolean mask needs shape ({adata.n_obs},).")
+        index = np.flatnonzero(values)
+    else:
+        libraries = library_ids(adata)
+        requested = [str(v) for v in values]
+        unknown = sorted(set(requested) - set(libraries))
+        if unknown:
+            raise MissingKeyError(
+                f"train_mask names libraries {unknown} that are not in obs['library_id'] "
+                f"({sorted(set(libraries))}). Pass library ids or a boolean mask over spots."
+            )
+        index = np.flatnonzero(np.isin(libraries, requested))
+    if len(index) == 0:
+        raise InputError("train_mask selects no spots; select at least one section or spot.")
+    return index
+
+
+def _gene_columns(adata, genes: Sequence[str]) -> np.ndarray:
+    position = pd.Index(adata.var_names.astype(str))
+    return position.get_indexer(list(genes))
+
+
+def _dense(matrix) -> np.ndarray:
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
+
+
+def _targets(adata, index, genes, *, layer, variant, need_counts):
+    """Targets (and raw counts / size factors for count losses) of the training spots."""
+    from ..pp._normalize import check_counts, normalize_counts, size_factors
+
+    columns = _gene_columns(adata, genes)
+    counts = None
+    if layer is not None:
+        if layer not in adata.layers:
+            raise MissingKeyError(
+                f"layer={layer!r} is not in adata.layers ({list(adata.layers)}). Create it with "
+                f"sthisto.pp.normalize(adata, key_added={layer!r}) or pass layer=None to normalise raw counts."
+            )
+        targets = _dense(adata.layers[layer][index][:, columns])
+        if not np.isfinite(targets).all():
+            raise InputError(f"adata.layers[{layer!r}] contains NaN or infinite values among the training spots.")
+    raw = adata.X[index]
+    if layer is None or need_counts:
+        check_counts(raw, what="adata.X (raw counts)")
+        counts = _dense(raw[:, columns])
+    if layer is None:
+        totals = np.asarray(raw.sum(axis=1)).ravel()
+        targets = normalize_counts(counts, variant=variant, totals=totals)
+    sizes = size_factors(counts, library_ids(adata)[index]) if need_counts else None
+    return targets, (counts if need_counts else None), sizes
+
+
+def train(
+    adata,
+    method="thitogene",
+    *,
+    genes: Sequence[str] | str | None = None,
+    layer: str | None = None,
+    train_mask=None,
+    key_added: str | None = None,
+    max_epochs: int | None = None,
+    device="auto",
+    seed: int = 0,
+    validation=None,
+    early_stopping: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    devices=None,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    precision: str | None = None,
+    progress_bar: bool = True,
+    store: bool = True,
+    overwrite: bool = False,
+    **method_params: Any,
+):
+    """Train a method on the spots of ``adata`` and store the trained model in ``uns``.
+
+    Parameters
+    ----------
+    adata
+        AnnData in the sthisto convention (raw counts in ``X``, ``obs['library_id']``, spot
+        coordinates and images, or image features in ``obsm`` for feature-based methods).
+    method
+        A registered name (see :func:`list_methods`), alias, variant (``"thitogene_tiny"``), or
+        an :class:`~sthisto.models.ExpressionModel` subclass.
+    genes
+        Genes to predict: a list, the name of a boolean ``var`` column, or ``None`` for
+        ``var['sthisto_selected']`` (written by :func:`sthisto.pp.select_genes`) when present,
+        else all genes.
+    layer
+        Use this layer as the (already normalised) target. ``None`` normalises the raw counts in
+        ``X`` with the method's transform (``target=`` parameter; e.g. ``"log10_1e4"``).
+    train_mask
+        Spots to train on: a boolean mask over ``obs``, or library ids. Default: all spots.
+    key_added
+        Name of the stored model (default: the method name).
+    max_epochs
+        Epochs (default: the paper's).
+    device
+        ``"auto"`` (CUDA if present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+    seed
+        Seeds initialisation, data order, validation split, dropout; CPU runs repeat bit for bit.
+    validation
+        ``None`` (the papers': train all epochs, keep the last), a fraction of the training spots
+        held out from the loss, or a list of training library ids held out whole. With
+        validation the weights of the epoch with the lowest validation loss are kept. Drawn from
+        the training data only, never from spots outside ``train_mask``.
+    early_stopping
+        Stop after this many epochs without validation improvement (needs ``validation``).
+    checkpoint_dir
+        Folder for Lightning checkpoints (``last.ckpt`` after every epoch).
+    resume
+        Continue from ``checkpoint_dir/last.ckpt`` if it exists.
+    devices, strategy, num_nodes, precision
+        Passed to :class:`lightning.pytorch.Trainer` (e.g. ``devices=4, strategy="ddp"``).
+        ``precision`` defaults to ``"bf16-mixed"`` on GPU and ``"32-true"`` on CPU.
+    progress_bar
+        Show Lightning's progress bar.
+    store
+        Store the model record in ``uns['sthisto']['models'][key_added]``.
+    overwrite
+        Replace an existing stored model with the same key.
+    **method_params
+        Network, data and training parameters of the method (e.g. ``lr``, ``patch_size_um``,
+        ``depth``); unknown names raise an error listing the valid ones.
+
+    Returns
+    -------
+    The trained model (an :class:`~sthisto.models.ExpressionModel`). With ``store=True`` it
+    also writes ``adata.uns['sthisto']['models'][key_added]``: ``{'manifest': <JSON>, 'weights':
+    <safetensors bytes as uint8>}``. The record survives ``write_h5ad``/``read_h5ad`` and
+    :func:`get_model` rebuilds an identical model from it.
+
+    Examples
+    --------
+    >>> adata = sthisto.datasets.synthetic(n_sections=3)
+    >>> model = sthisto.tl.train(adata, "thitogene_tiny", train_mask=["S0", "S1"], max_epochs=5)
+    >>> sthisto.tl.predict(adata, "thitogene_tiny")
+    """
+    from ..models._registry import resolve_method
+
+    cls, variant_params = resolve_method(method)
+    key_added = key_added or (method if isinstance(method, str) else cls.name)
+    if store and not overwrite and key_added in adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {}):
+        raise InputError(
+            f"adata.uns['sthisto']['models'][{key_added!r}] already exists. Pass overwrite=True to "
+            f"replace it, or key_added='<new name>' to keep both."
+        )
+    chosen_genes = _resolve_genes(adata, genes)
+    train_index = _resolve_train_index(adata, train_mask)
+    model = cls.configure(adata, genes=chosen_genes, train_index=train_index, params={**variant_params, **method_params})
+    model.check_inputs(adata, train_index)
+    targets, counts, sizes = _targets(
+        adata,
+        train_index,
+        chosen_genes,
+        layer=layer,
+        variant=model.data_params["target"],
+        need_counts=model.uses_counts,
+    )
+    model.data_params["target_layer"] = layer
+    model.fit(
+        adata,
+        train_index,
+        targets=targets,
+        counts=counts,
+        size_factors=sizes,
+        validation=validation,
+        early_stopping=early_stopping,
+        seed=seed,
+        max_epochs=max_epochs,
+        device=device,
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        precision=precision,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        progress_bar=progress_bar,
+    )
+    if store:
+        store_model(adata, model, key_added=key_added, overwrite=overwrite)
+    return model
+
+
+def store_model(adata, model, *, key_added: str, overwrite: bool = False) -> None:
+    """Write a model's record to ``adata.uns['sthisto']['models'][key_added]``."""
+    models = sthisto_uns(adata).setdefault(Uns.MODELS, {})
+    if key_added in models and not overwrite:
+        raise InputError(f"adata.uns['sthisto']['models'][{key_added!r}] already exists; pass overwrite=True.")
+    models[key_added] = model.to_record()
+    logger.info("added adata.uns['sthisto']['models'][%r]", key_added)
+
+
+def get_model(adata, key: str):
+    """Rebuild the model stored under ``adata.uns['sthisto']['models'][key]``.
+
+    Parameters
+    ----------
+    adata
+        The AnnData a model was trained on (or any object carrying its record).
+    key
+        The ``key_added`` of :func:`train`.
+
+    Returns
+    -------
+    The trained model, with weights identical to the stored ones.
+    """
+    from ..io._model import model_from_record
+
+    models = adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {})
+    if key not in models:
+        raise MissingKeyError(
+            f"no model stored under uns['sthisto']['models'][{key!r}] (stored: {sorted(models)}). "
+            f"Train one with sthisto.tl.train(adata, ..., key_added={key!r}) or pass a model object or path."
+        )
+    return model_from_record(models[key])
+
+
+def _resolve_model(adata, model):
+    from ..io._model import load_model
+    from ..models._base import ExpressionModel
+
+    if isinstance(model, ExpressionModel):
+        return model, None
+    if isinstance(model, (str, Path)):
+        models = adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {})
+        if isinstance(model, str) and model in models:
+            return get_model(adata, model), model
+        if Path(model).exists():
+            return load_model(model), None
+        raise MissingKeyError(
+            f"model={str(model)!r} is neither a key of uns['sthisto']['models'] ({sorted(models)}) nor an "
+            f"existing saved-model folder. Pass a stored key, a model object, or a path written by model.save()."
+        )
+    raise InputError(f"model must be a stored key, a model object or a saved path; got {type(model).__name__}.")
+
+
+def predict(
+    adata,
+    model,
+    *,
+    key_added: str | None = None,
+    device="auto",
+    overwrite: bool = False,
+    copy: bool = False,
+):
+    """Predict expression with a trained model, section by section.
+
+    Parameters
+    ----------
+    adata
+        Spots to predict (images or features as the model needs; any number of sections).
+    model
+        A key of ``uns['sthisto']['models']``, a model object, or a folder written by
+        ``model.save``.
+    key_added
+        Output name (default: the stored key, else the method name).
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
+    overwrite
+        Replace existing outputs with the same key.
+    copy
+        Return a modified copy instead of writing in place.
+
+    Returns
+    -------
+    When every model gene is in ``adata.var_names``: ``None`` (or the copy), writing
+
+    - ``adata.layers[key_added]``: predictions aligned with ``var`` (model output scale, e.g.
+      log10(1 + counts per 10k)); a dense array when the model predicts every gene of
+      ``var``, else a sparse CSR matrix holding only the predicted genes' columns;
+    - ``adata.var[f"{key_added}_predicted"]``: True for the genes the model predicts;
+    - ``adata.uns['sthisto']['predict'][key_added]``: method, model genes, provenance.
+
+    Otherwise (image-only data, or none of the model's genes measured): a **new** AnnData with
+    the spots of ``adata`` (``obs``, ``obsm``, ``uns['spatial']``), ``var`` = the model's genes,
+    ``X`` and ``layers[key_added]`` = predictions, and the same ``uns`` record; ``adata`` is
+    left unchanged.
+    """
+    import anndata as ad
+    import scipy.sparse as sp
+
+    fitted, stored_key = _resolve_model(adata, model)
+    key_added = key_added or stored_key or fitted.name
+    var_names = pd.Index(adata.var_names.astype(str))
+    measured = var_names.get_indexer(fitted.genes)
+    aligned = bool((measured >= 0).all()) and adata.n_vars > 0
+    provenance = {
+        "method": fitted.name,
+        "model_key": stored_key,
+        "genes": list(fitted.genes),
+        "target": fitted.data_params.get("target"),
+        "target_layer": fitted.data_params.get("target_layer"),
+        "trained_on": json.dumps(fitted.trained_on),
+        "libraries": sorted(set(library_ids(adata))) if Obs.LIBRARY_ID in adata.obs else [],
+    }
+    if aligned:
+        check_writable(adata, "layers", key_added, overwrite=overwrite)
+        check_writable(adata, "var", Var.predicted(key_added), overwrite=overwrite)
+    predictions = fitted.predict(adata, device=device)
+
+    if not aligned:
+        if (measured >= 0).any():
+            logger.info(
+                "%d of the model's %d genes are not in adata.var_names: returning a new AnnData with the "
+                "model's genes instead of writing a layer.",
+                int((measured < 0).sum()),
+                len(fitted.genes),
+            )
+        result = ad.AnnData(
+            X=predictions,
+            obs=adata.obs.copy(),
+            var=pd.DataFrame(index=pd.Index(fitted.genes, name=None)),
+            obsm={k: np.asarray(v).copy() for k, v in adata.obsm.items()},
+            uns={k: v for k, v in adata.uns.items() if k == Uns.SPATIAL},
+        )
+        result.layers[key_added] = predictions
+        result.var[Var.predicted(key_added)] = True
+        record(result, "predict", key_added, provenance)
+        return result
+
+    adata = maybe_copy(adata, copy)
+    if len(fitted.genes) == adata.n_vars and (measured == np.arange(adata.n_vars)).all():
+        layer = predictions
+    else:
+        order = np.argsort(measured)  # CSR wants each row's columns sorted
+        n_obs, n_genes = predictions.shape
+        layer = sp.csr_matrix(
+            (
+                predictions[:, order].ravel(),
+                np.tile(measured[order], n_obs),
+                np.arange(0, n_obs * n_genes + 1, n_genes),
+            ),
+            shape=(adata.n_obs, adata.n_vars),
+            dtype=np.float32,
+        )
+    flag = np.zeros(adata.n_vars, dtype=bool)
+    flag[measured] = True
+    write(adata, "layers", key_added, layer, overwrite=overwrite)
+    write(adata, "var", Var.predicted(key_added), flag, overwrite=overwrite)
+    record(adata, "predict", key_added, provenance, overwrite=True)
+    return adata if copy else None
+

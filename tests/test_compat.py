@@ -1,0 +1,66 @@
+"""The torchvision compatibility step: applied only when needed, and it makes timm usable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+
+
+def test_timm_imports_and_builds_models_after_the_step():
+    result = _run(
+        """
+        import torch
+        from sthisto import _compat
+        first = _compat.ensure_torchvision()
+        timm = _compat.import_timm()
+        model = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
+        out = model(torch.zeros(1, 3, 32, 32))
+        assert out.shape == (1, 3)
+        assert _compat.ensure_torchvision() is False  # idempotent
+        print("applied" if first else "not-needed")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in {"applied", "not-needed"}
+
+
+def test_step_is_a_no_op_when_native_operators_load():
+    result = _run(
+        """
+        from sthisto import _compat
+        _compat._native_ops_load = lambda package_dir: True
+        assert _compat.ensure_torchvision() is False
+        assert _compat._fallback_library is None
+        """
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_step_is_a_no_op_once_torchvision_is_imported():
+    result = _run(
+        """
+        import sys, types
+        sys.modules["torchvision"] = types.ModuleType("torchvision")
+        from sthisto import _compat
+        assert _compat.ensure_torchvision() is False
+        assert _compat._fallback_library is None
+        """
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_import_sthisto_stays_light():
+    result = _run(
+        """
+        import sys
+        import sthisto, sthisto.pp, sthisto.tl, sthisto.io, sthisto.pl, sthisto.models, sthisto.datasets
+        heavy = [m for m in ("torch", "lightning", "timm", "torch_geometric", "torchvision") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    assert result.returncode == 0, result.stderr
