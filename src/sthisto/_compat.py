@@ -10,7 +10,9 @@ the operator schemas that ``_C.so`` would have defined.
 be loaded. Everything sthisto uses from torchvision/timm (model definitions, transforms) is
 pure Python and works; torchvision's compiled detection operators keep raising their own clear
 error. Where torchvision works, the function does nothing. Every sthisto module that imports
-timm or torchvision goes through :func:`import_timm` / :func:`import_torchvision`.
+timm or torchvision goes through :func:`import_timm` / :func:`import_torchvision`, and the
+training engine calls :func:`ensure_torchvision` before importing Lightning (whose torchmetrics
+imports torchvision).
 """
 
 from __future__ import annotations

@@ -104,8 +104,27 @@ class Var:
     """Columns of ``adata.var``."""
 
     GENE_SYMBOL: Final = "gene_symbol"
+    SELECTED: Final = "sthisto_selected"
+    """Default boolean column of :func:`sthisto.pp.select_genes`."""
 
     @staticmethod
     def predicted(key_added: str) -> str:
         """Column marking the genes a model stored under ``key_added`` predicts."""
         return f"{key_added}_predicted"
+
+
+class Synthetic:
+    """Keys written by :func:`sthisto.datasets.synthetic` (the generator's ground truth)."""
+
+    DEPENDENT: Final = "synthetic_dependent"
+    """``var`` column: True for genes whose mean follows morphology visible in the image."""
+    DRIVER: Final = "synthetic_driver"
+    """``var`` column: the morphological quantity a gene mainly follows ("none" if independent)."""
+    LOADINGS: Final = "synthetic_loadings"
+    """``varm`` key: each gene's log-mean loading on every standardised morphology feature."""
+    MORPHOLOGY: Final = "synthetic_morphology"
+    """``obsm`` key: per-spot morphology measured in the spot's footprint (DataFrame)."""
+    RECORD: Final = "synthetic"
+    """``uns['sthisto']`` key of the generator's parameters."""
+    SOURCE: Final = "sthisto.datasets.synthetic"
+    """``metadata['source']`` of synthetic sections."""

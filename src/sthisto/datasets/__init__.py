@@ -4,5 +4,9 @@ from .._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
-    {},
+    {
+        "her2st_785_genes": "._reference",
+        "synthetic": "._synthetic",
+        "synthetic_he_image": "._synthetic_image",
+    },
 )

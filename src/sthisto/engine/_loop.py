@@ -17,15 +17,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._device import lightning_accelerator
-from .._errors import InputError
-from .._logging import logger
-from ..pp._patches import library_ids
+from .._compat import ensure_torchvision
+
+ensure_torchvision()  # Lightning imports torchmetrics, which imports torchvision
+import lightning.pytorch as pl  # noqa: E402
+
+from .._device import lightning_accelerator  # noqa: E402
+from .._errors import InputError  # noqa: E402
+from .._logging import logger  # noqa: E402
+from ..pp._patches import library_ids  # noqa: E402
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
@@ -129,6 +133,7 @@ class _History(pl.Callback):
         self.best_loss = float("inf")
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch: int | None = None
+        self.precision: str | None = None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
@@ -144,13 +149,19 @@ class _History(pl.Callback):
             self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.network.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.model.history, "best_loss": self.best_loss, "best_epoch": self.best_epoch}
+        return {
+            "history": self.model.history,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Resuming continues the history of the interrupted run.
         self.model.history = {k: list(v) for k, v in state_dict["history"].items()}
         self.best_loss = state_dict["best_loss"]
         self.best_epoch = state_dict["best_epoch"]
+        self.best_state = state_dict.get("best_state")
 
 
 def split_validation(
@@ -228,16 +239,12 @@ def _loader(items: list[dict], batch_size: int | None, *, seed: int, shuffle: bo
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0)
 
 
-def fit_model(
+def run_training(
     model,
-    adata,
-    train_index: np.ndarray,
+    train_items: list[dict],
+    val_items: list[dict],
     *,
-    targets: np.ndarray,
-    counts: np.ndarray | None = None,
-    size_factors: np.ndarray | None = None,
-    validation=None,
-    early_stopping: int | None = None,
+    batch_size: int | None,
     seed: int = 0,
     max_epochs: int | None = None,
     device="auto",
@@ -245,49 +252,32 @@ def fit_model(
     strategy="auto",
     num_nodes: int = 1,
     precision: str | None = None,
+    early_stopping: int | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress_bar: bool = True,
     verbose: bool = False,
-) -> None:
-    """Train ``model.network`` on the spots ``train_index`` with Lightning.
+) -> _History:
+    """Run Lightning on ready items for any object with the training protocol.
 
-    Arrays (``targets``, ``counts``, ``size_factors``) are aligned with ``train_index``.
-    See :func:`sthisto.tl.train` for the meaning of each parameter.
+    ``model`` needs ``network``, ``network_inputs(batch)``, ``masked_loss(outputs, batch)``,
+    ``configure_optimizers(network)``, ``training_params`` and a ``history`` dict. The
+    :class:`~sthisto.models.ExpressionModel` classes have them; so does HistoSPACE's
+    autoencoder stage.
+
+    Returns
+    -------
+    The history callback (per-epoch losses are also written to ``model.history``). With
+    validation items, ``model.network`` ends with the weights of the best validation epoch.
     """
-    pl.seed_everything(seed, workers=True, verbose=False)
-    fit_mask, val_mask, val_libraries = split_validation(adata, train_index, validation, seed=seed)
-    libraries = library_ids(adata)[train_index]
-
-    sections = model.sections(adata, train_index, targets=targets, counts=counts, size_factors=size_factors)
-    train_sections, val_sections = [], []
-    position = {obs: row for row, obs in enumerate(train_index)}
-    for section in sections:
-        rows = np.fromiter((position[i] for i in section.obs_index), dtype=int, count=section.n_spots)
-        if section.library_id in val_libraries:
-            val_sections.append(section)
-            continue
-        if val_mask[rows].any():
-            val_copy = type(section)(section.library_id, section.obs_index, dict(section.tensors))
-            val_copy.tensors["loss_mask"] = torch.as_tensor(val_mask[rows])
-            val_sections.append(val_copy)
-            section.tensors["loss_mask"] = torch.as_tensor(fit_mask[rows])
-        train_sections.append(section)
-    del libraries
-
-    train_items, batch_size = model.training_items(train_sections)
-    val_items, _ = model.training_items(val_sections) if val_sections else ([], None)
-    if model.batching == "spots":  # per-spot items: drop spots whose targets the loss must not see
-        train_items = [i for i in train_items if bool(i.pop("loss_mask", True))]
-        val_items = [i for i in val_items if bool(i.pop("loss_mask", True))]
     if not train_items:
-        raise InputError("no training spots remain after the validation split; use a smaller validation.")
-
+        raise InputError("no training items: select at least one training spot (or tile).")
     epochs = int(max_epochs if max_epochs is not None else model.training_params["max_epochs"])
     accelerator, auto_devices = lightning_accelerator(device)
     if precision is None:
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
     history = _History(model, keep_best=bool(val_items))
+    history.precision = precision
     callbacks: list[pl.Callback] = [_EpochReseed(seed), history]
     if early_stopping and val_items:
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val_loss", patience=int(early_stopping), mode="min"))
@@ -336,6 +326,78 @@ def fit_model(
         model.network.load_state_dict(history.best_state)
         logger.info("kept the weights of epoch %d (lowest validation loss %.4g)", history.best_epoch, history.best_loss)
     model.network.to("cpu")
+    return history
+
+
+def fit_model(
+    model,
+    adata,
+    train_index: np.ndarray,
+    *,
+    targets: np.ndarray,
+    counts: np.ndarray | None = None,
+    size_factors: np.ndarray | None = None,
+    validation=None,
+    early_stopping: int | None = None,
+    seed: int = 0,
+    max_epochs: int | None = None,
+    device="auto",
+    devices=None,
+    strategy="auto",
+    num_nodes: int = 1,
+    precision: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress_bar: bool = True,
+    verbose: bool = False,
+) -> None:
+    """Train ``model.network`` on the spots ``train_index`` with Lightning.
+
+    Arrays (``targets``, ``counts``, ``size_factors``) are aligned with ``train_index``.
+    See :func:`sthisto.tl.train` for the meaning of each parameter.
+    """
+    pl.seed_everything(seed, workers=True, verbose=False)
+    fit_mask, val_mask, val_libraries = split_validation(adata, train_index, validation, seed=seed)
+
+    sections = model.sections(adata, train_index, targets=targets, counts=counts, size_factors=size_factors)
+    train_sections, val_sections = [], []
+    position = {obs: row for row, obs in enumerate(train_index)}
+    for section in sections:
+        rows = np.fromiter((position[i] for i in section.obs_index), dtype=int, count=section.n_spots)
+        if section.library_id in val_libraries:
+            val_sections.append(section)
+            continue
+        if val_mask[rows].any():
+            val_copy = type(section)(section.library_id, section.obs_index, dict(section.tensors))
+            val_copy.tensors["loss_mask"] = torch.as_tensor(val_mask[rows])
+            val_sections.append(val_copy)
+            section.tensors["loss_mask"] = torch.as_tensor(fit_mask[rows])
+        train_sections.append(section)
+
+    train_items, batch_size = model.training_items(train_sections)
+    val_items, _ = model.training_items(val_sections) if val_sections else ([], None)
+    if model.batching == "spots":  # per-spot items: drop spots whose targets the loss must not see
+        train_items = [i for i in train_items if bool(i.pop("loss_mask", True))]
+        val_items = [i for i in val_items if bool(i.pop("loss_mask", True))]
+    history = run_training(
+        model,
+        train_items,
+        val_items,
+        batch_size=batch_size,
+        seed=seed,
+        max_epochs=max_epochs,
+        device=device,
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        precision=precision,
+        early_stopping=early_stopping,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        progress_bar=progress_bar,
+        verbose=verbose,
+    )
+    epochs = int(max_epochs if max_epochs is not None else model.training_params["max_epochs"])
     model.trained_on = {
         "libraries": sorted(set(library_ids(adata)[train_index])),
         "n_spots": int(len(train_index)),
@@ -346,5 +408,5 @@ def fit_model(
         "selected_epoch": history.best_epoch if history.best_state is not None else len(model.history["epoch"]) - 1,
         "seed": int(seed),
         "max_epochs": epochs,
-        "precision": str(precision),
+        "precision": str(history.precision),
     }

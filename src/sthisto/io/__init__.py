@@ -4,5 +4,11 @@ from .._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
-    {},
+    {
+        "load_model": "._model",
+        "read_her2st": "._her2st",
+        "read_visium": "._visium",
+        "from_spatialdata": "._spatialdata",
+        "to_spatialdata": "._spatialdata",
+    },
 )

@@ -9,5 +9,10 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "list_models": "._registry",
         "register_method": "._registry",
         "ExpressionModel": "._base",
+        "HGGEFNet": ".hggef",
+        "HisToSGENet": ".histosge",
+        "HistoSPACEAutoencoder": ".histospace",
+        "HistoSPACERegressor": ".histospace",
+        "RidgeBaseline": ".ridge",
     },
 )

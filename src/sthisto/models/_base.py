@@ -33,6 +33,9 @@ _COMMON_DATA_DEFAULTS: dict[str, Any] = {
     "n_positions": None,
     "image_key": None,
     "features_key": None,
+    "encoder": None,
+    "encoder_weights": None,
+    "extra_features": None,
     "patch_size_px": None,
     "patch_size_um": None,
     "patch_layout": "chw",
@@ -134,7 +137,13 @@ class ExpressionModel:
         self.training_params = {**self.all_training_defaults(), **dict(training_params or {})}
         self.history: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": []}
         self.trained_on: dict[str, Any] = {}
-        self.network = self.create_network(n_genes=len(self.genes), **self.network_params)
+        self.extra: dict[str, Any] = {}
+        """JSON-able state a method keeps beside its weights (e.g. coordinate frames)."""
+        self.network = self.build_network()
+
+    def build_network(self):
+        """Create this model's network; methods without one (ridge) return ``None``."""
+        return self.create_network(n_genes=len(self.genes), **self.network_params)
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -195,15 +204,49 @@ class ExpressionModel:
         if cls.uses_positions:
             network.setdefault("n_positions", data["n_positions"])
         if cls.input_kind == "features":
-            key = data.get("features_key")
-            if key is None or key not in adata.obsm:
-                raise MissingKeyError(
-                    f"method {cls.name!r} reads image features from adata.obsm[{key!r}], which is "
-                    f"missing. Compute them first with sthisto.pp.embed(adata, encoder=...), and pass "
-                    f"features_key='<the obsm key>'."
-                )
-            data["features_dim"] = int(np.asarray(adata.obsm[key]).shape[1])
+            data["features_key"] = cls.ensure_features(adata, data)
+            data["features_dim"] = int(cls.feature_matrix(adata, data).shape[1])
         return cls(genes, network_params=network, data_params=data, training_params=training)
+
+    @classmethod
+    def ensure_features(cls, adata, data: Mapping[str, Any]) -> str:
+        """Return the ``obsm`` key of the features, embedding the spots first if they lack them.
+
+        With ``encoder`` set (a name :func:`sthisto.encoders.get_encoder` accepts), missing
+        features are computed with :func:`sthisto.pp.embed` and written to ``obsm`` (a new key;
+        reused by later calls). Without it, the features must already be there.
+        """
+        encoder = data.get("encoder")
+        extras = tuple(data.get("extra_features") or ())
+        key = data.get("features_key") or (f"X_{encoder}" if isinstance(encoder, str) else None)
+        if key is not None and key in adata.obsm and (not extras or f"{key}_extra" in adata.obsm):
+            return key
+        if not isinstance(encoder, str):
+            raise MissingKeyError(
+                f"method {cls.name!r} reads image features from adata.obsm[{key!r}], which is missing. "
+                f"Compute them with sthisto.pp.embed(adata, encoder=...) and pass features_key='<obsm key>', "
+                f"or pass encoder='<name>' to compute them now."
+            )
+        from ..pp._embed import embed
+
+        logger.info("computing %s features for %d spots into obsm[%r]", encoder, adata.n_obs, key)
+        embed(
+            adata,
+            encoder=encoder,
+            weights=data.get("encoder_weights"),
+            key_added=key,
+            patch_size_um=data.get("patch_size_um"),
+            image_key=data.get("image_key"),
+            extra_features=extras,
+            progress=False,
+            overwrite=key in adata.obsm,
+        )
+        return key
+
+    @classmethod
+    def feature_matrix(cls, adata, data: Mapping[str, Any], frames: Mapping | None = None) -> np.ndarray:
+        """The per-spot feature matrix a feature-based method reads (default: the ``obsm`` key)."""
+        return np.asarray(adata.obsm[data["features_key"]], dtype=np.float32)
 
     @classmethod
     def network_default(cls, name: str, fallback: Any = None) -> Any:
@@ -238,17 +281,12 @@ class ExpressionModel:
                     f"sections with array coordinates below that, or retrain with n_positions >= {high + 1}."
                 )
         if self.input_kind == "features":
-            key = self.data_params["features_key"]
-            if key not in adata.obsm:
-                raise MissingKeyError(
-                    f"this model reads features from adata.obsm[{key!r}], which is missing. Compute them "
-                    f"with the same encoder as in training: sthisto.pp.embed(adata, ..., key_added={key!r})."
-                )
-            dim = np.asarray(adata.obsm[key]).shape[1]
+            self.ensure_features(adata, self.data_params)
+            dim = self.feature_matrix(adata, self.data_params, self.extra.get("frames")).shape[1]
             if dim != self.data_params.get("features_dim", dim):
                 raise InputError(
-                    f"adata.obsm[{key!r}] has {dim} features but the model was trained on "
-                    f"{self.data_params['features_dim']}; embed with the training encoder."
+                    f"adata.obsm[{self.data_params['features_key']!r}] gives {dim} features but the model was "
+                    f"trained on {self.data_params['features_dim']}; embed with the training encoder."
                 )
         if self.input_kind == "pixels":
             spot_coordinates(adata)
@@ -293,7 +331,9 @@ class ExpressionModel:
 
         tensors: dict[str, Any] = {}
         if self.input_kind == "pixels":
-            dataset = PatchDataset(adata, spec=self.patch_spec, image_key=self.data_params["image_key"], indices=obs_index)
+            dataset = PatchDataset(
+                adata, spec=self.patch_spec, image_key=self.data_params["image_key"], indices=obs_index
+            )
             patches, clipped = dataset.read_batch(range(len(dataset)))
             if clipped.any():
                 logger.info(
@@ -304,8 +344,8 @@ class ExpressionModel:
                 )
             tensors["patches"] = patches
         else:
-            features = np.asarray(adata.obsm[self.data_params["features_key"]])[obs_index]
-            tensors["features"] = torch.as_tensor(np.asarray(features, dtype=np.float32))
+            features = self._features_cache(adata)[obs_index]
+            tensors["features"] = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
         if self.uses_positions or self.needs_graph:
             positions = grid_positions(adata[obs_index])
             tensors["positions"] = torch.as_tensor(positions, dtype=torch.int64)
@@ -321,6 +361,14 @@ class ExpressionModel:
         if Obsm.SPATIAL in adata.obsm:
             tensors["coords"] = torch.as_tensor(spot_coordinates(adata)[obs_index], dtype=torch.float32)
         return tensors
+
+    def _features_cache(self, adata) -> np.ndarray:
+        # One feature matrix per AnnData and call, not one per section.
+        cached = getattr(self, "_feature_cache", None)
+        if cached is None or cached[0] is not adata:
+            cached = (adata, self.feature_matrix(adata, self.data_params, self.extra.get("frames")))
+            self._feature_cache = cached
+        return cached[1]
 
     def network_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Select the keys the network's ``forward`` takes."""
@@ -378,14 +426,19 @@ class ExpressionModel:
         import torch
 
         return torch.optim.Adam(
-            network.parameters(), lr=float(self.training_params["lr"]), weight_decay=float(self.training_params["weight_decay"])
+            network.parameters(),
+            lr=float(self.training_params["lr"]),
+            weight_decay=float(self.training_params["weight_decay"]),
         )
 
     def fit(self, adata, train_index: np.ndarray, **fit_params) -> ExpressionModel:
         """Train on the spots ``train_index`` (see :func:`sthisto.tl.train` for parameters)."""
         from ..engine._loop import fit_model
 
-        fit_model(self, adata, train_index, **fit_params)
+        try:
+            fit_model(self, adata, train_index, **fit_params)
+        finally:
+            self._feature_cache = None
         return self
 
     # --- prediction --------------------------------------------------------------------
@@ -429,6 +482,7 @@ class ExpressionModel:
                 result[rows] = self.predict_section(section, device=device)
         finally:
             self.network.to("cpu")
+            self._feature_cache = None
         return result
 
     # --- persistence -------------------------------------------------------------------
@@ -447,6 +501,7 @@ class ExpressionModel:
             "training_params": self.training_params,
             "history": self.history,
             "trained_on": self.trained_on,
+            "extra": self.extra,
         }
 
     def state_tensors(self) -> dict[str, Any]:
@@ -469,16 +524,15 @@ class ExpressionModel:
         )
         model.history = {k: list(v) for k, v in manifest.get("history", {}).items()}
         model.trained_on = dict(manifest.get("trained_on", {}))
+        model.extra = dict(manifest.get("extra", {}))
         return model
 
     def to_record(self) -> dict[str, Any]:
         """The record stored in ``uns['sthisto']['models'][key]``: JSON manifest + safetensors bytes."""
         from safetensors.torch import save
 
-        return {
-            "manifest": json.dumps(self.manifest()),
-            "weights": np.frombuffer(save(self.state_tensors()), dtype=np.uint8).copy(),
-        }
+        weights = save(self.state_tensors())
+        return {"manifest": json.dumps(self.manifest()), "weights": np.frombuffer(weights, dtype=np.uint8).copy()}
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the model to a folder: ``manifest.json`` + ``weights.safetensors``.

@@ -7,5 +7,14 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "PatchSpec": "._patches",
         "PatchDataset": "._patches",
+        "select_genes": "._genes",
+        "normalize": "._normalize",
+        "normalize_counts": "._normalize",
+        "size_factors": "._normalize",
+        "spatial_graph": "._graph",
+        "knn_edge_index": "._graph",
+        "stain_normalize": "._stain",
+        "embed": "._embed",
+        "histosge_features": "._embed",
     },
 )

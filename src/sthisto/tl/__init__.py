@@ -9,5 +9,9 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "train": "._train",
         "predict": "._train",
         "get_model": "._train",
+        "pretrain_autoencoder": "..models.histospace",
+        "evaluate": "._evaluate",
+        "get_metrics": "._evaluate",
+        "cross_validate": "._cross_validate",
     },
 )

@@ -118,10 +118,11 @@ def _dense(matrix) -> np.ndarray:
 
 def _targets(adata, index, genes, *, layer, variant, need_counts):
     """Targets (and raw counts / size factors for count losses) of the training spots."""
-    from ..pp._normalize import check_counts, normalize_counts, size_factors
+    from ..pp._normalize import VARIANTS, check_counts, normalize_counts, size_factors
 
+    if layer is None and variant not in VARIANTS:
+        raise InputError(f"unknown target={variant!r}; use one of {list(VARIANTS)}.")
     columns = _gene_columns(adata, genes)
-    counts = None
     if layer is not None:
         if layer not in adata.layers:
             raise MissingKeyError(
@@ -131,14 +132,15 @@ def _targets(adata, index, genes, *, layer, variant, need_counts):
         targets = _dense(adata.layers[layer][index][:, columns])
         if not np.isfinite(targets).all():
             raise InputError(f"adata.layers[{layer!r}] contains NaN or infinite values among the training spots.")
-    raw = adata.X[index]
+    counts = None
     if layer is None or need_counts:
-        check_counts(raw, what="adata.X (raw counts)")
+        raw = adata.X[index]
+        check_counts(raw, spot_names=adata.obs_names[index])
         counts = _dense(raw[:, columns])
     if layer is None:
-        totals = np.asarray(raw.sum(axis=1)).ravel()
-        targets = normalize_counts(counts, variant=variant, totals=totals)
-    sizes = size_factors(counts, library_ids(adata)[index]) if need_counts else None
+        totals = np.asarray(raw.sum(axis=1)).ravel() if VARIANTS[variant]["denominator"] == "total" else None
+        targets = normalize_counts(counts, variant, library_size=totals, validate=False)
+    sizes = size_factors(counts.sum(axis=1), library_ids(adata)[index]) if need_counts else None
     return targets, (counts if need_counts else None), sizes
 
 
@@ -241,7 +243,10 @@ def train(
         )
     chosen_genes = _resolve_genes(adata, genes)
     train_index = _resolve_train_index(adata, train_mask)
-    model = cls.configure(adata, genes=chosen_genes, train_index=train_index, params={**variant_params, **method_params})
+    _seed_everything(seed)  # before the network is created: initial weights follow the seed
+    model = cls.configure(
+        adata, genes=chosen_genes, train_index=train_index, params={**variant_params, **method_params}
+    )
     model.check_inputs(adata, train_index)
     targets, counts, sizes = _targets(
         adata,
@@ -274,6 +279,16 @@ def train(
     if store:
         store_model(adata, model, key_added=key_added, overwrite=overwrite)
     return model
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def store_model(adata, model, *, key_added: str, overwrite: bool = False) -> None:
@@ -434,4 +449,3 @@ def predict(
     write(adata, "var", Var.predicted(key_added), flag, overwrite=overwrite)
     record(adata, "predict", key_added, provenance, overwrite=True)
     return adata if copy else None
-

@@ -1,0 +1,301 @@
+"""The encoder registry: named encoders, timm names, hub ids and user callables → :class:`Encoder`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._errors import InputError
+from .._logging import logger
+from ._encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder
+from ._handcrafted import HANDCRAFTED_FEATURE_NAMES, HandcraftedFeatures
+from ._timm import HUB_PREFIX, check_local_weights, hub_encoder, is_timm_model, timm_encoder
+
+UNI_HUB_ID = "hf-hub:MahmoodLab/UNI"
+"""Hub id of UNI (gated: accept its terms on the hub and pass ``token=``)."""
+
+HISTOSGE_PATCH_UM = 34.5
+"""HisToSGE's field of view: a 50 × 50 px crop on her2st/cSCC images at ≈0.69 µm/px (50 × 0.69 µm)."""
+
+HEST_PATCH_UM = 112.0
+"""HEST-Benchmark's field of view: 224 px at 0.5 µm/px (20×), the ridge baseline's default."""
+
+HISTOSPACE_TILE_PX = 128
+"""HistoSPACE's tile side in pixels."""
+
+Factory = Callable[..., Encoder]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Factory
+    description: str
+    builtin: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_encoder(name: str, factory: Factory, *, description: str = "", overwrite: bool = False) -> None:
+    """Register a named encoder so that ``get_encoder(name)`` and ``pp.embed(encoder=name)`` find it.
+
+    Parameters
+    ----------
+    name
+        Registry name.
+    factory
+        Called as ``factory(weights=..., token=..., seed=..., **kwargs)`` (it may ignore what it
+        does not use, but must accept them) and returns an :class:`Encoder`.
+    description
+        One line shown by :func:`list_encoders`.
+    overwrite
+        Replace an existing registration of the same name.
+
+    Examples
+    --------
+    >>> def my_factory(*, weights=None, token=None, seed=0, **kwargs):
+    ...     return Encoder.from_state_dict(MyNet(), weights, name="mynet", input_size=96)
+    >>> register_encoder("mynet", my_factory, description="my lab's CNN")
+    """
+    if not isinstance(name, str) or not name or name.startswith(HUB_PREFIX) or name.startswith("timm:"):
+        raise InputError(f"encoder name {name!r} must be a non-empty string not starting with 'hf-hub:' or 'timm:'.")
+    if not callable(factory):
+        raise InputError(f"factory for {name!r} must be callable and return an Encoder.")
+    if name in _REGISTRY and not overwrite:
+        raise InputError(f"encoder {name!r} is already registered; pass overwrite=True to replace it.")
+    _REGISTRY[name] = _Entry(factory, description, builtin=False)
+
+
+def _register_builtin(name: str, factory: Factory, description: str) -> None:
+    _REGISTRY[name] = _Entry(factory, description, builtin=True)
+
+
+def list_encoders():
+    """Registered encoders.
+
+    Returns
+    -------
+    :class:`pandas.DataFrame` with columns ``name``, ``description``, ``builtin``. Besides
+    these, :func:`get_encoder` accepts any timm model name, ``hf-hub:`` ids and callables.
+    """
+    import pandas as pd
+
+    rows = [
+        {"name": name, "description": entry.description, "builtin": entry.builtin} for name, entry in _REGISTRY.items()
+    ]
+    return pd.DataFrame(rows, columns=["name", "description", "builtin"])
+
+
+def get_encoder(
+    spec: str | Encoder | Callable[[torch.Tensor], torch.Tensor] = "handcrafted",
+    *,
+    weights: str | os.PathLike | None = None,
+    token: str | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    input_size: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    input_range: str | None = None,
+    output_dim: int | None = None,
+    pool: str | None = None,
+    patch_size_um: float | None = None,
+    **kwargs: Any,
+) -> Encoder:
+    """Resolve an encoder specification into an :class:`Encoder` (on the CPU).
+
+    Parameters
+    ----------
+    spec
+        * a registered name (:func:`list_encoders`): ``"handcrafted"`` (93 colour/texture
+          features, no weights), ``"uni"`` (ViT-L/16 configured like UNI), ``"histospace"``
+          (a HistoSPACE encoder trained by the package; pass ``module=`` or ``weights=``);
+        * any timm model name (``"resnet50"``, ``"timm:vit_small_patch16_224"``), random or
+          with ``weights``;
+        * a hub id ``"hf-hub:<org>/<name>"`` (timm format), downloaded with ``token``;
+        * an :class:`Encoder` (returned as is, with the overrides below applied);
+        * any callable ``(B, 3, H, W) float → (B, D)``; then ``input_size`` is required and
+          ``mean``/``std`` default to ImageNet's on a 0–1 scale.
+    weights
+        ``None``: random weights for timm models (seeded, logged as random). A local
+        checkpoint path (``.safetensors``, or a ``torch.save`` file read with
+        ``weights_only=True``), matched strictly. A hub id.
+    token
+        Hub access token (gated models such as UNI).
+    seed
+        Seed of random initialisations.
+    name
+        Encoder name (default: the registry name, timm architecture or callable name).
+    input_size, mean, std, input_range, output_dim, pool, patch_size_um
+        Override the preprocessing (see :class:`Encoder`); required for callables as noted.
+    **kwargs
+        Passed to the factory: ``timm.create_model`` arguments for timm names (``depth=``,
+        ``img_size=``, ...), ``module=`` / ``pooling=`` for ``"histospace"``,
+        ``cache_dir=`` for hubs.
+
+    Returns
+    -------
+    The :class:`Encoder`.
+
+    Examples
+    --------
+    >>> enc = get_encoder("uni", weights="/models/uni/pytorch_model.bin")
+    >>> enc = get_encoder("resnet18")  # random weights, logged as such
+    >>> enc = get_encoder(my_net, input_size=112, mean=(0.5,) * 3, std=(0.5,) * 3)
+    """
+    overrides = {
+        "name": name,
+        "input_size": input_size,
+        "mean": mean,
+        "std": std,
+        "input_range": input_range,
+        "pool": pool,
+        "patch_size_um": patch_size_um,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(spec, Encoder):
+        if kwargs or weights is not None:
+            raise InputError(
+                "weights= and model arguments cannot be applied to an Encoder object; build it again instead."
+            )
+        return spec.replace(**overrides) if overrides else spec
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        if not callable(spec):
+            raise InputError(
+                f"encoder={spec!r} is neither a name nor a callable. Use one of {sorted(_REGISTRY)}, a timm model "
+                f"name, 'hf-hub:<org>/<name>', or a callable (B, 3, H, W) → (B, D)."
+            )
+        if weights is not None or kwargs:
+            raise InputError(
+                "weights= and model arguments apply to named encoders; load the weights into your module "
+                "first, or use Encoder.from_state_dict(module, weights, ...)."
+            )
+        if input_size is None:
+            raise InputError(
+                "a callable encoder needs input_size= (the side of the square images it takes), and "
+                "mean=/std= unless ImageNet normalisation of 0–1 inputs is right for it."
+            )
+        default_name = getattr(spec, "__name__", None) or type(spec).__name__
+        return Encoder.from_module(
+            spec,
+            name=overrides.pop("name", default_name.lower()),
+            input_size=overrides.pop("input_size"),
+            mean=overrides.pop("mean", IMAGENET_MEAN),
+            std=overrides.pop("std", IMAGENET_STD),
+            output_dim=output_dim,
+            **overrides,
+        )
+    if spec in _REGISTRY:
+        encoder = _REGISTRY[spec].factory(weights=weights, token=token, seed=seed, **kwargs)
+        if not isinstance(encoder, Encoder):
+            raise InputError(f"the factory registered as {spec!r} returned {type(encoder).__name__}, not an Encoder.")
+    elif spec.startswith(HUB_PREFIX):
+        encoder = hub_encoder(spec, token=token, **kwargs)
+    elif is_timm_model(spec):
+        check_local_weights(weights)
+        encoder = timm_encoder(spec, weights=weights, token=token, seed=seed, **kwargs)
+    else:
+        raise InputError(
+            f"unknown encoder {spec!r}. Registered encoders: {sorted(_REGISTRY)}; also accepted: any timm model "
+            f"name (timm.list_models('<pattern>')), 'hf-hub:<org>/<name>', or a callable (B, 3, H, W) → (B, D)."
+        )
+    if output_dim is not None and output_dim != encoder.output_dim:
+        raise InputError(f"output_dim={output_dim} but encoder {spec!r} produces {encoder.output_dim} features.")
+    return encoder.replace(**overrides) if overrides else encoder
+
+
+# --------------------------------------------------------------------------- built-ins
+def _handcrafted(*, weights=None, token=None, seed=0, input_size: int = 112) -> Encoder:
+    if weights is not None:
+        raise InputError("the 'handcrafted' encoder has no weights; drop weights=.")
+    return Encoder(
+        model=HandcraftedFeatures(),
+        name="handcrafted",
+        output_dim=len(HANDCRAFTED_FEATURE_NAMES),
+        input_size=input_size,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        input_range="0-255",
+        weights="none (deterministic features)",
+        weights_fingerprint="handcrafted:v1",
+        patch_size_um=HEST_PATCH_UM,
+        mixed_precision=False,
+        channels_last=False,
+        feature_names=HANDCRAFTED_FEATURE_NAMES,
+    )
+
+
+def _uni(*, weights=None, token=None, seed=0, **model_kwargs) -> Encoder:
+    # UNI is a timm ViT-L/16 with LayerScale (init 1e-5), 1024-d class token, ImageNet mean/std.
+    # timm's own pretrained_cfg for vit_large_patch16_224 says mean/std 0.5, hence the override.
+    kwargs = {"init_values": 1e-5, "dynamic_img_size": True, **model_kwargs}
+    if weights is not None and str(weights).startswith(HUB_PREFIX):
+        encoder = hub_encoder(str(weights), token=token, name="uni", **kwargs)
+    else:
+        check_local_weights(weights)
+        encoder = timm_encoder("vit_large_patch16_224", weights=weights, seed=seed, name="uni", **kwargs)
+    return encoder.replace(
+        input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_range="0-1", patch_size_um=HISTOSGE_PATCH_UM
+    )
+
+
+def _histospace(*, weights=None, token=None, seed=0, module=None, pooling: str = "mean") -> Encoder:
+    from ..models import histospace
+
+    if module is None and weights is None:
+        raise InputError(
+            "the 'histospace' encoder is trained by sthisto on your slides: pass module= (a trained "
+            "HistoSPACEAutoencoder or HistoSPACEEncoder) or weights= (the path of its saved state dict)."
+        )
+    if module is None:
+        from ._checkpoint import file_fingerprint, load_weights_strict, read_state_dict
+
+        state = read_state_dict(weights)
+        has_decoder = any(k.startswith("decoder.") for k in state)
+        module = histospace.HistoSPACEAutoencoder() if has_decoder else histospace.HistoSPACEEncoder()
+        load_weights_strict(module, state, origin=str(weights))
+        description, fingerprint = str(weights), file_fingerprint(weights)
+    else:
+        description, fingerprint = None, None
+    network = histospace.HistoSPACEFeatureExtractor(module, pooling=pooling, patch_size=HISTOSPACE_TILE_PX)
+    options = {"weights_fingerprint": fingerprint} if fingerprint else {}
+    # The network scales uint8 itself but takes float input as already in [-1, 1]: 0–1 scale,
+    # mean 0.5, std 0.5 gives exactly that.
+    return Encoder.from_module(
+        network,
+        name="histospace",
+        input_size=HISTOSPACE_TILE_PX,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        input_range="0-1",
+        output_dim=network.out_features,
+        weights=description,
+        channels_last=True,
+        **options,
+    )
+
+
+_register_builtin(
+    "handcrafted",
+    _handcrafted,
+    "93 colour/texture features (squidpy summary, histogram, GLCM texture definitions); no weights, offline",
+)
+_register_builtin(
+    "uni",
+    _uni,
+    "ViT-L/16 configured like UNI (1024-d class token, 224 px, ImageNet mean/std); weights: None (random), "
+    f"a local checkpoint, or '{UNI_HUB_ID}' with token=",
+)
+_register_builtin(
+    "histospace",
+    _histospace,
+    "HistoSPACE autoencoder's encoder trained by sthisto (128 px, inputs in [-1, 1]); pass module= or weights=",
+)
+
+logger.debug("encoder registry ready: %s", sorted(_REGISTRY))
