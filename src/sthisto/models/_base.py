@@ -270,7 +270,7 @@ class ExpressionModel:
 
     def check_inputs(self, adata, index: np.ndarray) -> None:
         """Raise a clear error if ``adata`` lacks what this model reads (before any work)."""
-        library_ids(adata)
+        check_spots(adata)
         if self.uses_positions:
             positions = grid_positions(adata[index])
             high = int(positions.max()) if len(positions) else 0
@@ -555,6 +555,17 @@ class ExpressionModel:
     def __repr__(self) -> str:
         epochs = len(self.history.get("epoch", []))
         return f"{type(self).__name__}(method={self.name!r}, genes={len(self.genes)}, epochs_trained={epochs})"
+
+
+def check_spots(adata) -> None:
+    """Spots every method needs: a ``library_id`` column and unique spot ids."""
+    library_ids(adata)
+    if not adata.obs_names.is_unique:
+        duplicated = adata.obs_names[adata.obs_names.duplicated()].unique()[:5].tolist()
+        raise InputError(
+            f"adata.obs_names has duplicate spot ids (e.g. {duplicated}); predictions could not be told "
+            f"apart. Make them unique first: adata.obs_names_make_unique()."
+        )
 
 
 def grid_positions(adata) -> np.ndarray:

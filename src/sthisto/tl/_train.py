@@ -95,6 +95,13 @@ def _resolve_train_index(adata, train_mask) -> np.ndarray:
     else:
         libraries = library_ids(adata)
         requested = [str(v) for v in values]
+        categories = adata.obs[Obs.LIBRARY_ID].cat.categories if hasattr(adata.obs[Obs.LIBRARY_ID], "cat") else []
+        empty = sorted(set(requested) & {str(c) for c in categories} - set(libraries))
+        if empty:
+            raise InputError(
+                f"libraries {empty} have no spots in this object (an empty section). Drop them from "
+                f"train_mask, or remove unused categories with adata.obs['library_id'].cat.remove_unused_categories()."
+            )
         unknown = sorted(set(requested) - set(libraries))
         if unknown:
             raise MissingKeyError(
@@ -241,21 +248,27 @@ def train(
             f"adata.uns['sthisto']['models'][{key_added!r}] already exists. Pass overwrite=True to "
             f"replace it, or key_added='<new name>' to keep both."
         )
+    from ..models._base import check_spots
+
+    check_spots(adata)
     chosen_genes = _resolve_genes(adata, genes)
     train_index = _resolve_train_index(adata, train_mask)
-    _seed_everything(seed)  # before the network is created: initial weights follow the seed
-    model = cls.configure(
-        adata, genes=chosen_genes, train_index=train_index, params={**variant_params, **method_params}
-    )
-    model.check_inputs(adata, train_index)
+    params = {**variant_params, **method_params}
+    cls.split_params(params)  # unknown parameter names fail here, before any work
+    _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed)
+    # Targets are validated before the model is configured: configuring may embed images
+    # (feature-based methods), and a refused call must leave adata unchanged.
     targets, counts, sizes = _targets(
         adata,
         train_index,
         chosen_genes,
         layer=layer,
-        variant=model.data_params["target"],
-        need_counts=model.uses_counts,
+        variant={**cls.all_data_defaults(), **params}["target"],
+        need_counts=cls.uses_counts,
     )
+    _seed_everything(seed)  # before the network is created: initial weights follow the seed
+    model = cls.configure(adata, genes=chosen_genes, train_index=train_index, params=params)
+    model.check_inputs(adata, train_index)
     model.data_params["target_layer"] = layer
     model.fit(
         adata,
@@ -279,6 +292,16 @@ def train(
     if store:
         store_model(adata, model, key_added=key_added, overwrite=overwrite)
     return model
+
+
+def _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed) -> None:
+    from ..engine._loop import split_validation
+
+    split_validation(adata, train_index, validation, seed=seed)  # raises on a bad split
+    if early_stopping and validation is None:
+        raise InputError("early_stopping needs a validation split: pass validation=0.1 or a list of training libraries.")
+    if resume and checkpoint_dir is None:
+        raise InputError("resume=True needs checkpoint_dir=<folder of an earlier run>.")
 
 
 def _seed_everything(seed: int) -> None:
