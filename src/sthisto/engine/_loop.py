@@ -226,6 +226,7 @@ def _quiet_lightning(verbose: bool):
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*validation_step.*but have no `val_dataloader`.*")
         try:
             yield
         finally:

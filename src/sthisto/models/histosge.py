@@ -294,7 +294,9 @@ class HisToSGE(ExpressionModel):
     """
 
     name = "histosge"
-    variants = {"tiny": {"heads": 2, "dim_head": 16, "mlp_dim": 64, "head_hidden": 64}}
+    # The tiny variant also swaps the ViT-L encoder for offline handcrafted features, so tests and
+    # quick trials never run a 300 M-parameter encoder with random weights.
+    variants = {"tiny": {"heads": 2, "dim_head": 16, "mlp_dim": 64, "head_hidden": 64, "encoder": "handcrafted"}}
     input_kind = "features"
     uses_positions = True
     default_loss = "mse"

@@ -4,5 +4,11 @@ from .._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
-    {},
+    {
+        "gene_maps": "._gene_maps",
+        "metric_distribution": "._metrics",
+        "metrics_heatmap": "._metrics",
+        "training_curves": "._training",
+        "domain_maps": "._domains",
+    },
 )

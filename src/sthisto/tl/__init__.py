@@ -8,6 +8,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "list_methods": "._train",
         "train": "._train",
         "predict": "._train",
+        "predict_distributed": "._distributed",
+        "superresolve": "._superresolve",
         "get_model": "._train",
         "pretrain_autoencoder": "..models.histospace",
         "evaluate": "._evaluate",

@@ -376,7 +376,14 @@ def predict(
     overwrite: bool = False,
     copy: bool = False,
 ):
-    """Predict expression with a trained model, section by section.
+    """Predict expression with a trained model, streaming each section in bounded pieces.
+
+    Sections are never loaded whole: per-spot methods read patches one batch at a time;
+    section-wide (attention/graph) methods run on whole sections by default, or on spatial
+    neighbourhoods of at most ``prediction_chunk_spots`` spots with a halo of context spots
+    (``model.data_params``; see :meth:`~sthisto.models.ExpressionModel.prediction_plan`). On an
+    image-only AnnData of pseudo-spots (:func:`sthisto.pp.tile`) this predicts a whole slide.
+    For several GPUs or nodes use :func:`sthisto.tl.predict_distributed`.
 
     Parameters
     ----------
@@ -402,17 +409,35 @@ def predict(
       log10(1 + counts per 10k)); a dense array when the model predicts every gene of
       ``var``, else a sparse CSR matrix holding only the predicted genes' columns;
     - ``adata.var[f"{key_added}_predicted"]``: True for the genes the model predicts;
-    - ``adata.uns['sthisto']['predict'][key_added]``: method, model genes, provenance.
+    - ``adata.uns['sthisto']['predict'][key_added]``: method, model genes, provenance
+      (including ``streaming``: how sections were cut into units).
 
     Otherwise (image-only data, or none of the model's genes measured): a **new** AnnData with
-    the spots of ``adata`` (``obs``, ``obsm``, ``uns['spatial']``), ``var`` = the model's genes,
-    ``X`` and ``layers[key_added]`` = predictions, and the same ``uns`` record; ``adata`` is
-    left unchanged.
+    the spots of ``adata`` (``obs``, ``obsm``, ``uns['spatial']`` shared), ``var`` = the
+    model's genes, ``X`` and ``layers[key_added]`` = predictions, and the same ``uns`` record;
+    ``adata`` is left unchanged except for image features a feature-based model computes into
+    ``adata.obsm`` (kept so that other models reuse them). For a SpatialData table + shapes
+    pass the result to :func:`sthisto.io.to_spatialdata`.
     """
-    import anndata as ad
-    import scipy.sparse as sp
-
     fitted, stored_key = _resolve_model(adata, model)
+    request = _prediction_request(adata, fitted, stored_key, key_added=key_added, overwrite=overwrite)
+    fitted.prediction_summary = None
+    predictions = fitted.predict(adata, device=device)
+    request.provenance["streaming"] = json.dumps(getattr(fitted, "prediction_summary", None))
+    return _store_predictions(adata, fitted, request, predictions, overwrite=overwrite, copy=copy)
+
+
+class _PredictionRequest:
+    """What :func:`predict` will write, checked before anything is computed."""
+
+    def __init__(self, key_added: str, measured: np.ndarray, aligned: bool, provenance: dict) -> None:
+        self.key_added = key_added
+        self.measured = measured
+        self.aligned = aligned
+        self.provenance = provenance
+
+
+def _prediction_request(adata, fitted, stored_key, *, key_added, overwrite) -> _PredictionRequest:
     key_added = key_added or stored_key or fitted.name
     var_names = pd.Index(adata.var_names.astype(str))
     measured = var_names.get_indexer(fitted.genes)
@@ -429,9 +454,15 @@ def predict(
     if aligned:
         check_writable(adata, "layers", key_added, overwrite=overwrite)
         check_writable(adata, "var", Var.predicted(key_added), overwrite=overwrite)
-    predictions = fitted.predict(adata, device=device)
+    return _PredictionRequest(key_added, measured, aligned, provenance)
 
-    if not aligned:
+
+def _store_predictions(adata, fitted, request: _PredictionRequest, predictions, *, overwrite: bool, copy: bool):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    key_added, measured, provenance = request.key_added, request.measured, request.provenance
+    if not request.aligned:
         if (measured >= 0).any():
             logger.info(
                 "%d of the model's %d genes are not in adata.var_names: returning a new AnnData with the "

@@ -1,0 +1,649 @@
+"""``tl.cross_validate``: named evaluation protocols producing out-of-fold predictions.
+
+Three protocols, each named in the stored record:
+
+- ``split="section"``: leave-one-section-out (THItoGene / HGGEF). Sections of the same
+  patient stay in training, as in the papers.
+- ``split="patient"``: leave-one-patient-out (HEST-style); no tissue of the test donor is
+  seen in training.
+- ``split="spots"``: HisToSGE's random hold-out within each section; one model per section,
+  trained on the remaining spots of that section only.
+
+Nothing is chosen on a test fold: gene-selection rules run on each fold's training spots, and
+any validation split inside a fold (``validation=`` of :func:`sthisto.tl.train`) is drawn
+from that fold's training data.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._anndata import check_record_writable, check_writable, record, sthisto_uns, write
+from .._constants import Obs, Var
+from .._errors import InputError, MissingKeyError
+from .._logging import logger
+from ..pp._patches import library_ids
+
+_FUNCTION = "cross_validate"
+SPLITS = {
+    "section": "leave-one-section-out: each test fold is one section; all other sections train",
+    "patient": "leave-one-patient-out: each test fold is all sections of one patient; other patients train",
+    "spots": "random hold-out within each section: one model per section trained on its remaining spots",
+}
+DEFAULT_SPOTS_FRACTION = 0.5
+"""HisToSGE holds out half of each section's spots."""
+
+# tl.train arguments cross_validate sets itself; passing them through **train_params is an error.
+_RESERVED = {"genes": "genes", "layer": "layer", "train_mask": "split/folds", "key_added": "key_added",
+             "seed": "seed", "store": "store_models", "overwrite": "overwrite"}  # fmt: skip
+
+
+def _engine_arguments() -> set[str]:
+    """tl.train's own keyword arguments (not method parameters), read from its signature."""
+    from ._train import train
+
+    parameters = inspect.signature(train).parameters
+    return {n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} - set(_RESERVED)
+
+
+_GENE_RULE_FLAVORS = {"hvg": "seurat", "seurat": "seurat", "seurat_v3": "seurat_v3", "cell_ranger": "cell_ranger",
+                      "per_section_union": "per_section_union"}  # fmt: skip
+
+
+@dataclass
+class Fold:
+    """One train/test split: spots are positions into ``adata.obs``."""
+
+    name: str
+    units: list[str]
+    train: np.ndarray
+    test: np.ndarray
+    genes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Task:
+    method: Any
+    method_name: str
+    fold: str
+    genes: list[str]
+    train: np.ndarray
+    test: np.ndarray
+    reference: np.ndarray | None
+    seed: int
+    layer: str | None
+    device: Any
+    train_kwargs: dict
+    store_model: bool
+
+
+# --- fold plans -------------------------------------------------------------------------------------
+def plan_folds(adata, split: str, folds=None, *, seed: int = 0) -> list[Fold]:
+    """Train/test spots of every fold of a named protocol (see :func:`cross_validate`)."""
+    if split not in SPLITS:
+        raise InputError(f"unknown split={split!r}; use one of {list(SPLITS)}.")
+    libraries = library_ids(adata)
+    if split == "spots":
+        fraction = DEFAULT_SPOTS_FRACTION if folds is None else folds
+        if isinstance(fraction, bool) or not isinstance(fraction, (float, int)) or not 0 < float(fraction) < 1:
+            raise InputError(
+                f"split='spots' takes folds=<fraction of each section's spots held out> in (0, 1) "
+                f"(default {DEFAULT_SPOTS_FRACTION}); got {folds!r}. To test only some sections, subset adata."
+            )
+        plan = []
+        for number, library in enumerate(_ordered(adata, Obs.LIBRARY_ID)):
+            rows = np.flatnonzero(libraries == library)
+            n_test = int(round(float(fraction) * len(rows)))
+            if n_test < 1 or n_test >= len(rows):
+                raise InputError(
+                    f"section {library!r} has {len(rows)} spots: holding out a fraction {fraction} leaves no "
+                    f"training or no test spot. Use a fraction that keeps both, or drop tiny sections."
+                )
+            rng = np.random.default_rng([int(seed), number])
+            test = np.sort(rng.choice(rows, size=n_test, replace=False))
+            plan.append(Fold(str(library), [str(library)], np.setdiff1d(rows, test), test))
+        return plan
+
+    column = Obs.LIBRARY_ID if split == "section" else Obs.PATIENT
+    if column not in adata.obs:
+        raise MissingKeyError(
+            "split='patient' needs obs['patient'] (the donor of each spot), which is missing. Add it "
+            "(e.g. adata.obs['patient'] = adata.obs['library_id'].str[0] for her2st), or use split='section'."
+        )
+    units_of_spot = adata.obs[column].astype(object).to_numpy()
+    if pd.isna(units_of_spot).any():
+        raise InputError(f"obs[{column!r}] has missing values; every spot needs one for split={split!r}.")
+    units_of_spot = units_of_spot.astype(str)
+    units = [str(u) for u in _ordered(adata, column)]
+    if len(units) < 2:
+        raise InputError(
+            f"split={split!r} needs at least two distinct values of obs[{column!r}] (found {units}); "
+            f"use split='spots' for a single section."
+        )
+    if folds is None:
+        chosen = units
+    else:
+        if isinstance(folds, (float, int)) and not isinstance(folds, bool):
+            raise InputError(f"split={split!r} takes folds=None or a list of {column} values to test; got {folds!r}.")
+        chosen = [str(folds)] if isinstance(folds, str) else [str(f) for f in folds]
+        unknown = sorted(set(chosen) - set(units))
+        if unknown:
+            raise MissingKeyError(f"folds names {unknown}, which are not values of obs[{column!r}] ({units}).")
+        if len(set(chosen)) != len(chosen):
+            raise InputError("folds lists a value twice; pass each test fold once.")
+    plan = []
+    for unit in chosen:
+        test = np.flatnonzero(units_of_spot == unit)
+        plan.append(Fold(unit, [unit], np.flatnonzero(units_of_spot != unit), test))
+    return plan
+
+
+def _ordered(adata, column: str) -> list:
+    values = adata.obs[column]
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        present = set(values.astype(object).dropna())
+        return [c for c in values.cat.categories if c in present]
+    return sorted(pd.unique(values.dropna()), key=str)
+
+
+# --- gene selection per fold ------------------------------------------------------------------------
+def _gene_rule(adata, genes) -> tuple[str, Any]:
+    """``("given", [names])`` or ``("per_fold_training_data", rule)``."""
+    from ._train import SELECTED_GENES_KEY, _resolve_genes
+
+    if callable(genes):
+        return "per_fold_training_data", genes
+    if isinstance(genes, str) and ":" in genes and genes not in adata.var:
+        flavor, _, number = genes.partition(":")
+        if flavor not in _GENE_RULE_FLAVORS or not number.isdigit() or int(number) < 1:
+            raise InputError(
+                f"genes={genes!r} is not a gene rule. Use '<flavor>:<n>' with flavor in "
+                f"{sorted(_GENE_RULE_FLAVORS)} ('hvg' = scanpy 'seurat'), e.g. 'hvg:1000', a callable, a list "
+                f"of names, or a boolean var column."
+            )
+        return "per_fold_training_data", (_GENE_RULE_FLAVORS[flavor], int(number))
+    if genes is None and SELECTED_GENES_KEY in adata.var:
+        genes = SELECTED_GENES_KEY
+    return "given", _resolve_genes(adata, genes)
+
+
+def _training_view(adata, train: np.ndarray):
+    """A light AnnData of a fold's training spots (counts, obs, var; no images) for gene rules."""
+    import anndata as ad
+
+    return ad.AnnData(X=adata.X[train].copy(), obs=adata.obs.iloc[train].copy(), var=adata.var.copy())
+
+
+def _fold_genes(adata, rule, fold: Fold) -> list[str]:
+    from ..pp._genes import select_genes
+
+    view = _training_view(adata, fold.train)
+    if callable(rule):
+        chosen = rule(view)
+        if isinstance(chosen, str) or chosen is None:
+            raise InputError(
+                f"the genes callable returned {chosen!r} for fold {fold.name!r}; it must return gene names."
+            )
+        chosen = [str(g) for g in chosen]
+    else:
+        flavor, n_top = rule
+        select_genes(view, flavor=flavor, n_top_genes=n_top, key_added="selected")
+        chosen = view.var_names[view.var["selected"].to_numpy(dtype=bool)].astype(str).tolist()
+    unknown = [g for g in chosen if g not in set(adata.var_names.astype(str))]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise InputError(
+            f"gene selection for fold {fold.name!r} gave {len(chosen)} genes"
+            + (f", {len(unknown)} not in var_names (e.g. {unknown[:5]})" if unknown else "")
+            + (" with repeats" if len(set(chosen)) != len(chosen) else "")
+            + "; a rule must return unique measured gene names."
+        )
+    return chosen
+
+
+# --- fitting one fold (in-process or in a worker) ---------------------------------------------------
+def _fit_task(adata, task: _Task) -> dict:
+    from ._train import train
+
+    mask = np.zeros(adata.n_obs, dtype=bool)
+    mask[task.train] = True
+    model = train(
+        adata,
+        task.method,
+        genes=task.genes,
+        layer=task.layer,
+        train_mask=mask,
+        store=False,
+        seed=task.seed,
+        device=task.device,
+        **task.train_kwargs,
+    )
+    predictions = model.predict(adata, task.test, device=task.device)
+    reference = model.predict(adata, task.reference, device=task.device) if task.reference is not None else None
+    if task.store_model:
+        model_record = model.to_record()
+    else:
+        model_record = {"manifest": json.dumps(model.manifest())}
+    return {
+        "predictions": np.asarray(predictions, dtype=np.float32),
+        "reference": None if reference is None else np.asarray(reference, dtype=np.float32),
+        "genes": list(model.genes),
+        "target": model.data_params.get("target"),
+        "target_layer": model.data_params.get("target_layer"),
+        "history": json.dumps(model.history),
+        "trained_on": json.dumps(model.trained_on, default=str),
+        "record": model_record,
+        "device": str(task.device),
+    }
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(adata, device_queue, n_threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(n_threads)))
+    _WORKER["adata"] = adata
+    _WORKER["device"] = device_queue.get() if device_queue is not None else None
+
+
+def _worker_fit(task: _Task) -> dict:
+    if _WORKER.get("device") is not None:
+        task.device = _WORKER["device"]
+    return _fit_task(_WORKER["adata"], task)
+
+
+def _run_tasks(adata, tasks: list[_Task], *, n_jobs: int, devices: list | None, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(tasks), desc="cross-validation folds", disable=not progress, unit="fold")
+    results: list[dict] = []
+    try:
+        if n_jobs == 1:
+            for task in tasks:
+                logger.info("cross_validate: %s, fold %r (%d train / %d test spots)", task.method_name,
+                            task.fold, len(task.train), len(task.test))  # fmt: skip
+                results.append(_fit_task(adata, task))
+                bar.update()
+            return results
+        context = multiprocessing.get_context("spawn")  # fork is unsafe with torch threads and CUDA
+        queue = None
+        if devices:
+            queue = context.Queue()
+            for worker in range(n_jobs):
+                queue.put(devices[worker % len(devices)])
+        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        pool = ProcessPoolExecutor(
+            max_workers=n_jobs, mp_context=context, initializer=_init_worker, initargs=(adata, queue, threads)
+        )
+        try:
+            futures = [pool.submit(_worker_fit, task) for task in tasks]
+            for future in futures:
+                results.append(future.result())
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # a failed fold stops the folds not yet started
+            raise
+        pool.shutdown(wait=True)
+        return results
+    finally:
+        bar.close()
+
+
+# --- the public function ----------------------------------------------------------------------------
+def cross_validate(
+    adata,
+    method,
+    *,
+    split: str = "section",
+    folds=None,
+    key_added: str | None = None,
+    seed: int = 0,
+    genes: Sequence[str] | str | Callable | None = None,
+    layer: str | None = None,
+    labels_key: str | None = None,
+    evaluate_params: dict | None = None,
+    method_params: dict[str, dict] | None = None,
+    store_models: bool = True,
+    n_jobs: int = 1,
+    devices: Sequence | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    **train_params: Any,
+) -> pd.DataFrame:
+    """Train one model per fold of a named protocol and score its out-of-fold predictions.
+
+    Parameters
+    ----------
+    adata
+        AnnData in the sthisto convention with raw counts in ``X``.
+    method
+        A method (name, variant, or :class:`~sthisto.models.ExpressionModel` subclass) or a
+        list of them; a list is compared on identical folds, gene sets and seeds.
+    split
+        ``"section"`` — leave-one-section-out (THItoGene / HGGEF papers); ``"patient"`` —
+        leave-one-patient-out (HEST-style, needs ``obs['patient']``); ``"spots"`` — HisToSGE's
+        random hold-out of a fraction of each section's spots, one model per section trained
+        on the rest of that section.
+    folds
+        ``"section"`` / ``"patient"``: ``None`` (every section / patient is a test fold once)
+        or the list of sections / patients to test (all others still train every fold).
+        ``"spots"``: the fraction of each section's spots held out (default 0.5).
+    key_added
+        Output key. One method: default ``f"cv_{method}"``. A list: the prefix (default
+        ``"cv"``) of the per-method keys ``f"{key_added}_{method}"``.
+    seed
+        Fold ``i`` trains with seed ``seed + i`` (the same for every method); the spots split
+        draws its hold-out from ``seed``.
+    genes
+        Genes to predict. Taken as given: a list, a boolean ``var`` column, or ``None``
+        (``var['sthisto_selected']`` when present, else all genes). Computed on each fold's
+        training spots only: a rule ``"<flavor>:<n>"`` (``hvg`` = scanpy ``seurat``,
+        ``seurat_v3``, ``cell_ranger``, ``per_section_union``; see
+        :func:`sthisto.pp.select_genes`), or a callable receiving an AnnData of the fold's
+        training spots (``X``, ``obs``, ``var``; no images) and returning gene names.
+    layer
+        Train on (and score against) this layer instead of normalising ``X`` with the
+        method's target transform. It must not depend on test spots (per-spot transforms
+        are fine).
+    labels_key
+        ``obs`` column of annotations for ARI / NMI (see :func:`sthisto.tl.evaluate`).
+    evaluate_params
+        Further keyword arguments of :func:`sthisto.tl.evaluate` (e.g. ``n_neighbors``, or
+        ``seed`` of the clustering, which stays 0 — the papers' ``random_state`` — whatever
+        the training ``seed``).
+    method_params
+        Per-method parameters, ``{method name: {param: value}}``, on top of ``train_params``.
+    store_models
+        Store each fold's model record (manifest + weights). ``False`` keeps manifests
+        (genes, parameters, training history) without weights — large networks times many
+        folds would otherwise make ``uns`` very large.
+    n_jobs
+        Folds trained at once. ``1``: in this process, one after another. ``> 1``: a pool of
+        ``n_jobs`` spawned worker processes, each receiving a copy of ``adata`` and
+        ``cpu_count // n_jobs`` torch threads; ``-1``: one per device (or per CPU core).
+        Results are identical to ``n_jobs=1`` (each fold is seeded on its own). Methods passed
+        as classes must be importable (defined in a module, not in ``__main__`` of a notebook).
+    devices
+        Devices for the folds, e.g. ``["cuda:0", "cuda:1"]``: worker ``i`` uses
+        ``devices[i % len(devices)]`` (with ``n_jobs=1`` the first one). Each fold trains on
+        one device. Mutually exclusive with ``device=``.
+    progress
+        Show a progress bar over folds.
+    overwrite
+        Replace existing outputs under the same keys.
+    **train_params
+        Passed to :func:`sthisto.tl.train` for every fold (``max_epochs``, ``validation``,
+        ``device``, method parameters such as ``lr``).
+
+    Returns
+    -------
+    The tidy metrics table: columns ``method``, ``predicted`` (the layer key), ``split``,
+    ``evaluated_on`` (``"held_out"``; with ``split="spots"`` also ``"training_reference"``
+    rows scoring the models on their own training spots, a reference figure only),
+    ``group``, ``scope``, ``metric``, ``value`` (see :func:`sthisto.tl.evaluate`).
+
+    Writes, for each method key ``k`` (``key_added`` for one method):
+
+    - ``layers[k]``: out-of-fold predictions aligned with ``var`` (model output scale). Dense
+      when every gene is predicted, else CSR holding the predicted genes. Spots that were in
+      no test fold (training spots of the spots split, sections outside ``folds``) are NaN.
+    - ``var[f"{k}_predicted"]``: genes predicted in at least one fold.
+    - ``obs[f"{key_added}_fold"]``: the fold in which each spot was held out (NaN if never).
+    - ``uns['sthisto']['cross_validate'][k]``: ``method``, ``split``, ``split_description``,
+      ``fold_key``, ``gene_selection`` (``"given"`` or ``"per_fold_training_data"``),
+      ``genes_rule``, ``genes`` (union), ``folds`` (per fold: ``test`` units, spot counts,
+      ``genes``, ``target``, ``target_layer``, ``seed``, ``device``, ``trained_on``,
+      ``history`` as JSON), ``models`` (per fold: ``model.to_record()``, or the manifest only),
+      ``table`` (this method's rows);
+    - ``uns['sthisto']['evaluate'][k]``: the :func:`sthisto.tl.evaluate` result.
+    - With a list: ``uns['sthisto']['cross_validate'][key_added]`` holds ``methods``,
+      ``keys`` and the combined ``table``.
+
+    Examples
+    --------
+    >>> table = sthisto.tl.cross_validate(adata, ["ridge", "thitogene"], split="patient", max_epochs=50)
+    >>> table.query("scope == 'overall' and metric == 'pearson_gene_mean'")
+    """
+    from ..models._registry import resolve_method
+    from ._evaluate import evaluate, group_metrics, metric_frames
+
+    # ---- validate everything before any work --------------------------------------------------
+    methods = list(method) if isinstance(method, (list, tuple)) else [method]
+    if not methods:
+        raise InputError("method=[] is empty; pass a method name or a list of them.")
+    resolved = []
+    for item in methods:
+        cls, variant_params = resolve_method(item)
+        name = item.lower() if isinstance(item, str) else cls.name
+        resolved.append((item, name, cls, variant_params))
+    names = [name for _, name, _, _ in resolved]
+    if len(set(names)) != len(names):
+        raise InputError(f"method lists {names}: each method once, please (use key_added per run for repeats).")
+    for key in train_params:
+        if key in _RESERVED:
+            raise InputError(
+                f"{key}= is set by cross_validate for every fold; use cross_validate's {_RESERVED[key]}= instead."
+            )
+    if devices is not None and "device" in train_params:
+        raise InputError("pass either devices=[...] (one per worker) or device=..., not both.")
+    method_params = dict(method_params or {})
+    unknown_methods = sorted(set(method_params) - set(names))
+    if unknown_methods:
+        raise InputError(f"method_params names {unknown_methods}, which are not among the methods {names}.")
+    engine = _engine_arguments()
+    for _, name, cls, variant_params in resolved:
+        own = {k: v for k, v in {**train_params, **method_params.get(name, {})}.items() if k not in engine}
+        cls.split_params({**variant_params, **own})  # raises on unknown parameters, listing valid ones
+    if int(n_jobs) != n_jobs or (n_jobs < 1 and n_jobs != -1):
+        raise InputError(f"n_jobs={n_jobs!r} must be a positive integer or -1.")
+    devices = None if devices is None else ([devices] if isinstance(devices, str) else list(devices))
+    if devices is not None and not devices:
+        raise InputError("devices=[] is empty; pass device names such as ['cuda:0', 'cuda:1'] or None.")
+    if n_jobs == -1:
+        n_jobs = len(devices) if devices else (os.cpu_count() or 1)
+    if layer is not None and layer not in adata.layers:
+        raise MissingKeyError(f"layer={layer!r} is not in adata.layers ({sorted(adata.layers)}).")
+    if labels_key is not None and labels_key not in adata.obs:
+        raise MissingKeyError(f"labels_key={labels_key!r} is not an obs column.")
+    evaluate_params = dict(evaluate_params or {})
+    bad_eval = sorted(set(evaluate_params) & {"predicted", "observed", "key_added", "labels_key", "copy", "overwrite"})
+    if bad_eval:
+        raise InputError(f"evaluate_params may not set {bad_eval}; cross_validate sets them.")
+    unknown_eval = sorted(set(evaluate_params) - set(inspect.signature(evaluate).parameters))
+    if unknown_eval:
+        raise InputError(f"evaluate_params has {unknown_eval}, which sthisto.tl.evaluate does not accept.")
+
+    plan = plan_folds(adata, split, folds, seed=seed)
+    gene_selection, rule = _gene_rule(adata, genes)
+
+    single = len(resolved) == 1
+    prefix = key_added or ("cv" if not single else f"cv_{names[0]}")
+    keys = {name: (prefix if single else f"{prefix}_{name}") for name in names}
+    fold_key = f"{prefix}_fold"
+    check_writable(adata, "obs", fold_key, overwrite=overwrite)
+    for key in keys.values():
+        check_writable(adata, "layers", key, overwrite=overwrite)
+        check_writable(adata, "var", Var.predicted(key), overwrite=overwrite)
+        check_record_writable(adata, _FUNCTION, key, overwrite=overwrite)
+        check_record_writable(adata, "evaluate", key, overwrite=overwrite)
+    if not single:
+        check_record_writable(adata, _FUNCTION, prefix, overwrite=overwrite)
+
+    # ---- gene sets (training spots only when a rule) -----------------------------------------
+    for fold in plan:
+        fold.genes = list(rule) if gene_selection == "given" else _fold_genes(adata, rule, fold)
+
+    # ---- train every (method, fold) -----------------------------------------------------------
+    tasks = []
+    for item, name, _, _ in resolved:
+        kwargs = {**train_params, **method_params.get(name, {})}
+        kwargs.setdefault("progress_bar", False)
+        device = kwargs.pop("device", "auto")
+        checkpoint_dir = kwargs.pop("checkpoint_dir", None)
+        for number, fold in enumerate(plan):
+            fold_kwargs = dict(kwargs)
+            if checkpoint_dir is not None:
+                fold_kwargs["checkpoint_dir"] = Path(checkpoint_dir) / name / fold.name
+            tasks.append(
+                _Task(
+                    method=item,
+                    method_name=name,
+                    fold=fold.name,
+                    genes=fold.genes,
+                    train=fold.train,
+                    test=fold.test,
+                    reference=fold.train if split == "spots" else None,
+                    seed=int(seed) + number,
+                    layer=layer,
+                    device=devices[0] if devices else device,
+                    train_kwargs=fold_kwargs,
+                    store_model=bool(store_models),
+                )
+            )
+    results = _run_tasks(adata, tasks, n_jobs=int(n_jobs), devices=devices, progress=progress)
+
+    # ---- write outputs ------------------------------------------------------------------------
+    fold_of = np.full(adata.n_obs, None, dtype=object)
+    for fold in plan:
+        fold_of[fold.test] = fold.name
+    write(adata, "obs", fold_key, pd.Categorical(fold_of, categories=[f.name for f in plan]), overwrite=overwrite)
+
+    var_names = pd.Index(adata.var_names.astype(str))
+    tables = []
+    for _, name, cls, variant_params in resolved:
+        key = keys[name]
+        method_results = [(task, result) for task, result in zip(tasks, results) if task.method_name == name]
+        union = sorted({g for _, r in method_results for g in r["genes"]}, key=var_names.get_loc)
+        columns = var_names.get_indexer(union)
+        block = np.full((adata.n_obs, len(union)), np.nan, dtype=np.float32)
+        position = {g: i for i, g in enumerate(union)}
+        for task, result in method_results:
+            cols = np.asarray([position[g] for g in result["genes"]])
+            block[np.ix_(task.test, cols)] = result["predictions"]
+        write(adata, "layers", key, _aligned_layer(block, columns, adata.n_vars), overwrite=overwrite)
+        flag = np.zeros(adata.n_vars, dtype=bool)
+        flag[columns] = True
+        write(adata, "var", Var.predicted(key), flag, overwrite=overwrite)
+        fold_info = {}
+        for number, (task, result) in enumerate(method_results):
+            fold_info[task.fold] = {
+                "test": plan[number].units,
+                "n_train_spots": int(len(task.train)),
+                "n_test_spots": int(len(task.test)),
+                "genes": result["genes"],
+                "target": result["target"] if result["target"] is not None else "None",
+                "target_layer": result["target_layer"] if result["target_layer"] is not None else "None",
+                "seed": int(task.seed),
+                "device": result["device"],
+                "trained_on": result["trained_on"],
+                "history": result["history"],
+            }
+        record(
+            adata,
+            _FUNCTION,
+            key,
+            {
+                "method": name,
+                "method_class": f"{cls.__module__}.{cls.__qualname__}",
+                "params": json.dumps({**variant_params, **train_params, **method_params.get(name, {})}, default=str),
+                "split": split,
+                "split_description": SPLITS[split],
+                "folds_argument": json.dumps(folds, default=str),
+                "fold_key": fold_key,
+                "gene_selection": gene_selection,
+                "genes_rule": _describe_rule(genes, gene_selection),
+                "genes": union,
+                "layer": layer if layer is not None else "None",
+                "seed": int(seed),
+                "n_jobs": int(n_jobs),
+                "devices": [str(d) for d in devices] if devices else "None",
+                "folds": fold_info,
+            },
+            overwrite=overwrite,
+        )
+        entry = sthisto_uns(adata)[_FUNCTION][key]
+        entry["models"] = {task.fold: result["record"] for task, result in method_results}
+
+        table = evaluate(
+            adata,
+            predicted=key,
+            key_added=key,
+            labels_key=labels_key,
+            overwrite=overwrite,
+            **evaluate_params,  # clustering keeps evaluate's seed (0, the papers') unless given here
+        )
+        table.insert(1, "evaluated_on", "held_out")
+        if split == "spots":
+            table = pd.concat(
+                [table, _reference_table(adata, key, method_results, layer, group_metrics, metric_frames)]
+            )
+        table.insert(0, "split", split)
+        table.insert(0, "method", name)
+        table = table.reset_index(drop=True)
+        entry["table"] = table
+        tables.append(table)
+
+    combined = pd.concat(tables, ignore_index=True)
+    if not single:
+        record(adata, _FUNCTION, prefix, {"methods": names, "keys": [keys[n] for n in names], "split": split},
+               overwrite=overwrite)  # fmt: skip
+        sthisto_uns(adata)[_FUNCTION][prefix]["table"] = combined
+    return combined
+
+
+def _aligned_layer(block: np.ndarray, columns: np.ndarray, n_vars: int):
+    """Predictions of genes ``columns`` as a layer over all of ``var`` (dense when complete)."""
+    if len(columns) == n_vars and (columns == np.arange(n_vars)).all():
+        return block
+    n_obs, n_genes = block.shape
+    order = np.argsort(columns)  # CSR wants each row's columns sorted
+    return sp.csr_matrix(
+        (block[:, order].ravel(), np.tile(columns[order], n_obs), np.arange(0, n_obs * n_genes + 1, n_genes)),
+        shape=(n_obs, n_vars),
+        dtype=np.float32,
+    )
+
+
+def _reference_table(adata, key: str, method_results, layer, group_metrics, metric_frames) -> pd.DataFrame:
+    """Scores of each spots-split model on its own training spots (a labelled reference figure)."""
+    from ._train import _targets
+
+    groups = []
+    for task, result in method_results:
+        observed, _, _ = _targets(
+            adata, task.reference, result["genes"], layer=layer, variant=result["target"], need_counts=False
+        )
+        observed = observed.toarray() if sp.issparse(observed) else np.asarray(observed)
+        metrics, per_gene = group_metrics(
+            observed, result["reference"], genes=result["genes"], where=f" (training spots of fold {task.fold!r})"
+        )
+        groups.append((task.fold, metrics, per_gene))
+    table, _ = metric_frames(groups)
+    table.insert(0, "predicted", key)
+    table.insert(1, "evaluated_on", "training_reference")
+    return table
+
+
+def _describe_rule(genes, gene_selection: str) -> str:
+    if gene_selection == "given":
+        return (
+            "var['sthisto_selected'] or all genes"
+            if genes is None
+            else (f"var[{genes!r}]" if isinstance(genes, str) else "list")
+        )
+    if callable(genes):
+        return f"callable {getattr(genes, '__qualname__', repr(genes))} on each fold's training spots"
+    return f"{genes} on each fold's training spots (sthisto.pp.select_genes)"

@@ -1,0 +1,198 @@
+"""The sthisto command: help, exit codes, one-line errors, and the train → predict → evaluate path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import sthisto
+from sthisto.cli import main, parse_params
+from sthisto.models import ExpressionModel
+
+torch.set_num_threads(1)
+COMMANDS = ["train", "predict", "superresolve", "cross-validate", "evaluate", "demo"]
+
+
+class _CliNet(nn.Module):
+    input_keys = ("patches",)
+
+    def __init__(self, n_genes, hidden=4):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, hidden, 5, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(hidden, n_genes)
+
+    def forward(self, patches):
+        return {"prediction": self.head(self.features(patches.float() / 255.0).flatten(1))}
+
+
+class TinyCli(ExpressionModel):
+    name = "tiny_cli"
+    input_kind = "pixels"
+    network_class = _CliNet
+    batching = "spots"
+    data_defaults = {"patch_size_px": 16, "patch_size_um": 100.0}
+    training_defaults = {"lr": 1e-2, "max_epochs": 1, "batch_size": 32}
+
+
+@pytest.fixture
+def tiny_method():
+    """Register the test method under a name for the duration of one test (the CLI takes names)."""
+    from sthisto.models import _registry
+
+    _registry.register_method(TinyCli)
+    yield "tiny_cli"
+    _registry._METHODS.pop("tiny_cli", None)
+
+
+@pytest.fixture(scope="module")
+def h5ad(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "data.h5ad"
+    sthisto.datasets.synthetic(n_sections=2, n_spots=40, n_genes=6, seed=2).write_h5ad(path)
+    return path
+
+
+def test_help_as_subprocess_without_heavy_imports():
+    result = subprocess.run(
+        [sys.executable, "-m", "sthisto.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+    probe = "import sys, sthisto.cli; sthisto.cli.build_parser(); print(any(m in sys.modules for m in ('torch', 'lightning')))"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert imported.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sthisto {command}")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bogus"], "invalid choice"),
+        (["train", "x.h5ad"], "required"),
+        (["train", "x.csv", "-m", "ridge", "-o", "y.h5ad"], ".h5ad file or a SpatialData .zarr"),
+        (["train", "x.h5ad", "-m", "ridge"], "nothing would be kept"),
+        (["train", "x.h5ad", "-m", "ridge", "-o", "y.h5ad", "--param", "lr"], "KEY=VALUE"),
+        (["cross-validate", "x.h5ad", "-m", "ridge", "--split", "spots", "--folds", "S1"], "fraction"),
+        (["demo", "--n-sections", "1"], "at least 2"),
+    ],
+)
+def test_usage_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.h5ad").write_bytes(b"")  # usage is checked before the file is read
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_failures_exit_1_with_one_line(h5ad, tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing.h5ad"), "--predicted", "p"]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("sthisto evaluate: error:")
+
+    assert main(["train", str(h5ad), "-m", "no_such_method", "-o", str(tmp_path / "o.h5ad"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown method 'no_such_method'" in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "o.h5ad").exists()
+
+    assert main(["evaluate", str(h5ad), "--predicted", "nothing", "--verbose"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "layers['nothing'] is missing" in err
+
+
+def test_zarr_input_without_spatialdata_is_a_clear_failure(tmp_path, capsys, monkeypatch):
+    (tmp_path / "data.zarr").mkdir()
+    monkeypatch.setitem(sys.modules, "spatialdata", None)  # import spatialdata → ImportError
+    assert main(["evaluate", str(tmp_path / "data.zarr"), "--predicted", "p", "-q"]) == 1
+    assert "reading .zarr needs spatialdata" in capsys.readouterr().err
+
+
+def test_superresolve_command(h5ad, tmp_path, capsys):
+    available = "superresolve" in dir(sthisto.tl)
+    code = main(["superresolve", str(h5ad), "--model", "m", "-o", str(tmp_path / "sr.h5ad"), "-q"])
+    if not available:
+        assert code == 1
+        assert "superresolve is not available" in capsys.readouterr().err
+    else:
+        assert code == 1  # no model 'm' is stored in the input
+        assert "error:" in capsys.readouterr().err
+
+
+def test_parse_params():
+    assert parse_params(["lr=1e-4", "depth=2", "name=uni", "flag=true", "sizes=[1, 2]"]) == {
+        "lr": 1e-4, "depth": 2, "name": "uni", "flag": True, "sizes": [1, 2],
+    }  # fmt: skip
+
+
+def test_train_predict_evaluate(h5ad, tmp_path, tiny_method, capsys):
+    trained, model_dir = tmp_path / "trained.h5ad", tmp_path / "model"
+    code = main(["train", str(h5ad), "-m", tiny_method, "--train-libraries", "S01", "--max-epochs", "2",
+                 "-o", str(trained), "--save-model", str(model_dir), "--param", "lr=0.005"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "[sthisto train" in err and "trained 2 epochs" in err
+    stored = ad.read_h5ad(trained)
+    model = sthisto.tl.get_model(stored, tiny_method)
+    assert model.training_params["lr"] == 0.005 and model.trained_on["libraries"] == ["S01"]
+
+    predicted = tmp_path / "predicted.h5ad"
+    assert main(["predict", str(trained), "--model", str(model_dir), "--key-added", "pred", "--libraries", "S02",
+                 "-o", str(predicted), "-q"]) == 0  # fmt: skip
+    result = ad.read_h5ad(predicted)
+    assert set(result.obs["library_id"]) == {"S02"} and np.isfinite(result.layers["pred"]).all()
+    expected = model.predict(stored[stored.obs["library_id"] == "S02"].copy())
+    np.testing.assert_allclose(result.layers["pred"], expected, rtol=1e-5, atol=1e-6)
+
+    table_path = tmp_path / "metrics.csv"
+    assert main(["evaluate", str(predicted), "--predicted", "pred", "--table", str(table_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "pearson_gene_mean" in out
+    table = pd.read_csv(table_path)
+    direct = sthisto.tl.evaluate(result, predicted="pred")
+    np.testing.assert_allclose(table["value"].to_numpy(), direct["value"].to_numpy(), atol=1e-9, equal_nan=True)
+    assert main(["predict", str(trained), "--model", tiny_method, "-o", str(predicted), "-q"]) == 1  # exists
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cross_validate_command(h5ad, tmp_path, tiny_method, capsys):
+    out, table_path = tmp_path / "cv.h5ad", tmp_path / "cv.csv"
+    code = main(["cross-validate", str(h5ad), "-m", tiny_method, "--split", "section", "--max-epochs", "1",
+                 "--no-store-models", "--table", str(table_path), "-o", str(out), "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert "pearson_gene_mean" in capsys.readouterr().out
+    table = pd.read_csv(table_path)
+    assert set(table["split"]) == {"section"} and set(table["method"]) == {tiny_method}
+    adata = ad.read_h5ad(out)
+    assert np.isfinite(adata.layers[f"cv_{tiny_method}"]).all()
+    assert adata.uns["sthisto"]["cross_validate"][f"cv_{tiny_method}"]["split"] == "section"
+
+
+def test_demo_writes_a_report(tmp_path, tiny_method, capsys):
+    folder = tmp_path / "demo"
+    code = main(["demo", "-o", str(folder), "-m", tiny_method, "--n-spots", "40", "--n-genes", "8",
+                 "--max-epochs", "2"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "[5/5]" in captured.err and "pearson_gene_mean=" in captured.out
+    for name in ("metrics.csv", "metrics.md", "report.md", "gene_maps.png", "domain_map.png", "training_curves.png"):
+        assert (folder / name).stat().st_size > 0, name
+    table = pd.read_csv(folder / "metrics.csv")
+    assert set(table["group"]) == {"S03", "overall"}
+    value = table.query("scope == 'overall' and metric == 'pearson_gene_mean'")["value"].iloc[0]
+    assert f"{value:.3f}" in (folder / "report.md").read_text()
+    assert (folder / "metrics.md").read_text().startswith("| metric | S03 |")
+    assert main(["demo", "-o", str(folder), "-m", tiny_method, "-q"]) == 1  # refuses a non-empty folder
+    assert "--overwrite" in capsys.readouterr().err
