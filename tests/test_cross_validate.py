@@ -273,10 +273,14 @@ def test_registered_methods(data, method):
 
 @pytest.mark.slow
 def test_parallel_folds_match_sequential(data):
-    """Two spawned workers (Lightning inside each) give bit-identical out-of-fold predictions."""
+    """Two spawned workers (Lightning inside each) give the same out-of-fold predictions.
+
+    Equal to float rounding: a fresh worker process and a parent that already ran other
+    computations may order float reductions differently (seen: 2e-7 after other tests ran).
+    """
     adata = _fresh(data)
     sthisto.tl.cross_validate(adata, TinyCV, split="patient", key_added="seq", **FAST)
     sthisto.tl.cross_validate(adata, TinyCV, split="patient", key_added="par", n_jobs=2, devices=["cpu", "cpu"], **FAST)
-    np.testing.assert_array_equal(adata.layers["seq"], adata.layers["par"])
+    np.testing.assert_allclose(adata.layers["seq"], adata.layers["par"], rtol=1e-5, atol=1e-6)
     folds = adata.uns["sthisto"]["cross_validate"]["par"]["folds"]
     assert {info["device"] for info in folds.values()} == {"cpu"}

@@ -26,6 +26,12 @@ class Obs:
     """Space Ranger's tissue flag."""
     SPOT_ID: Final = "spot_id"
     """Original spot identifier within its section (her2st ``<x>x<y>``, Visium barcode)."""
+    TISSUE_FRACTION: Final = "tissue_fraction"
+    """Pseudo-spots of :func:`sthisto.pp.tile`: share of the footprint on tissue."""
+    PARENT_SPOT: Final = "parent_spot"
+    """Spots of :func:`sthisto.tl.superresolve`: ``obs_names`` of the measured spot translated."""
+    OFFSET_INDEX: Final = "offset_index"
+    """Spots of :func:`sthisto.tl.superresolve`: which offset made the spot (0 = the parent itself)."""
 
 
 class Obsm:
@@ -70,6 +76,8 @@ class Images:
     LOWRES: Final = "lowres"
     FULLRES: Final = "fullres"
     """Full-resolution image (NumPy or lazy dask array), when held in the object."""
+    TISSUE_MASK: Final = "tissue_mask"
+    """Default key of :func:`sthisto.pp.tissue_mask`: a low-resolution 2-D bool mask."""
 
 
 class ScaleFactors:
@@ -98,6 +106,10 @@ class Metadata:
     HAS_IMAGE: Final = "has_image"
     """False for expression-only sections (e.g. her2st sections published without H&E)."""
     SOURCE: Final = "source"
+    PSEUDO_SPOTS: Final = "pseudo_spots"
+    """Set on libraries whose spots sthisto placed (``"tile"``, ``"superresolve"``), not measured."""
+    PYRAMID_LEVELS: Final = "pyramid_levels"
+    """:func:`sthisto.io.read_image`: ``(height, width)`` of each level of a pyramidal TIFF."""
 
 
 class Var:

@@ -10,5 +10,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "read_visium": "._visium",
         "from_spatialdata": "._spatialdata",
         "to_spatialdata": "._spatialdata",
+        "read_image": "._image",
     },
 )

@@ -10,5 +10,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "metrics_heatmap": "._metrics",
         "training_curves": "._training",
         "domain_maps": "._domains",
+        "slide_map": "._slide",
     },
 )

@@ -16,5 +16,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "stain_normalize": "._stain",
         "embed": "._embed",
         "histosge_features": "._embed",
+        "tissue_mask": "._tissue",
+        "tile": "._tile",
     },
 )

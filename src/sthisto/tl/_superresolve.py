@@ -31,12 +31,13 @@ hex, 8            refused: the paper's offsets mix half and quarter steps that d
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pandas as pd
 
-from .._anndata import record
+from .._anndata import check_record_writable, record
 from .._constants import Images, Obs, ScaleFactors, Uns, Var
 from .._errors import InputError, MissingKeyError, NoImageError
 from .._images import has_image, microns_per_pixel
@@ -122,7 +123,9 @@ def superresolve(
         Return a :class:`spatialdata.SpatialData` (image, circles, table) via
         :func:`sthisto.io.to_spatialdata`.
     overwrite
-        Accepted for API symmetry; the result is always a new object.
+        The result carries ``adata``'s ``uns['sthisto']`` records (stored models, embeddings'
+        provenance); replace a carried ``superresolve`` record named ``key_added`` (when
+        ``adata`` is itself a super-resolved object) instead of refusing.
 
     Returns
     -------
@@ -141,9 +144,10 @@ def superresolve(
         The images shared by reference; scalefactors with ``spot_spacing_um`` = the declared
         grid step in µm and ``spot_diameter_fullres`` = the parent diameter scaled like the
         spacing; metadata ``pseudo_spots='superresolve'``.
-    ``uns['sthisto']['superresolve'][key_added]``
-        Factor, grid, offsets, per library ``R`` (px and µm), the declared spacing, counts of
-        candidates, merged duplicates and spots dropped outside the image; method and model.
+    ``uns['sthisto']``
+        ``adata``'s records, plus ``['superresolve'][key_added]``: factor, grid, offsets, per
+        library ``R`` (px and µm), the declared spacing, counts of candidates, merged
+        duplicates and spots dropped outside the image; method and model.
 
     Examples
     --------
@@ -154,7 +158,6 @@ def superresolve(
     from ..pp._tile import full_resolution_shape, pseudo_spot_adata
     from ._train import _resolve_model
 
-    del overwrite  # the result is a new object: nothing is overwritten
     if isinstance(factor, bool) or factor not in (4, 8):
         raise InputError(f"factor={factor!r}; use 4 (the code's hexagonal mode) or 8 (the paper's offsets).")
     if grid not in ("auto", "hex", "square"):
@@ -167,6 +170,7 @@ def superresolve(
     key_added = key_added or f"{stored_key or fitted.name}_superresolved"
     if not isinstance(key_added, str) or not key_added:
         raise InputError(f"key_added={key_added!r} must be a non-empty string.")
+    check_record_writable(adata, FUNCTION, key_added, overwrite=overwrite)
     libraries_of_spot = library_ids(adata)
     coords = spot_coordinates(adata)
     present = list(dict.fromkeys(libraries_of_spot))
@@ -304,6 +308,7 @@ def superresolve(
     )
     result.layers[key_added] = values
     result.var[Var.predicted(key_added)] = True
+    result.uns[Uns.STHISTO] = copy.deepcopy(dict(adata.uns.get(Uns.STHISTO, {})))
     record(
         result,
         FUNCTION,
@@ -320,6 +325,7 @@ def superresolve(
             "features": fitted.data_params.get("encoder") or fitted.data_params.get("features_key") or "pixels",
             "libraries": summary,
         },
+        overwrite=overwrite,
     )
     logger.info("super-resolved %d libraries: %d new spots", len(parts), result.n_obs)
     if as_spatialdata:
