@@ -17,6 +17,7 @@ CELL_TIMEOUT_S = 600
 
 
 def main(folder: str) -> int:
+    """Execute the notebooks of ``folder`` in name order; return the process exit code."""
     notebooks = sorted(Path(folder).glob("*.ipynb"))
     if not notebooks:
         print(f"no notebooks in {folder}")

@@ -70,6 +70,11 @@ class EpochShuffleSampler(Sampler[int]):
         return 0, 1
 
     def __iter__(self) -> Iterator[int]:
+        # A generator, so the order is drawn at the first batch, not when the iterator is made:
+        # a resumed Lightning run makes its first iterator before it calls set_epoch.
+        yield from self._order()
+
+    def _order(self) -> list[int]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n_items, generator=generator).tolist()
@@ -80,7 +85,7 @@ class EpochShuffleSampler(Sampler[int]):
             per_rank = -(-self.n_items // world)
             order = (order * world)[: per_rank * world]
             order = order[rank::world]
-        return iter(order)
+        return order
 
     def __len__(self) -> int:
         _, world = self._rank_world()
@@ -237,7 +242,11 @@ def _quiet_lightning(verbose: bool):
 def _loader(items: list[dict], batch_size: int | None, *, seed: int, shuffle: bool) -> DataLoader:
     dataset = ItemDataset(items)
     sampler = EpochShuffleSampler(len(dataset), seed=seed, shuffle=shuffle)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0)
+    # A private generator: creating an iterator draws a base seed from the loader's generator,
+    # and Lightning creates iterators at different points relative to the epoch reseed in a
+    # fresh and in a resumed run; the global stream (dropout masks) must not see that draw.
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0, generator=generator)
 
 
 def run_training(
@@ -288,7 +297,14 @@ def run_training(
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
         callbacks.append(
-            pl.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+            # One rolling checkpoint, overwritten after every epoch: what resume needs.
+            pl.callbacks.ModelCheckpoint(
+                dirpath=checkpoint_dir,
+                filename="last",
+                save_top_k=1,
+                every_n_epochs=1,
+                enable_version_counter=False,
+            )
         )
         last = checkpoint_dir / "last.ckpt"
         if resume and last.exists():

@@ -14,5 +14,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "HistoSPACEAutoencoder": ".histospace",
         "HistoSPACERegressor": ".histospace",
         "RidgeBaseline": ".ridge",
+        "THItoGeneNet": ".thitogene",
     },
 )

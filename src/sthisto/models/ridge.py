@@ -281,6 +281,22 @@ class RidgeBaseline:
             random_state=state["random_state"],
         )
         arrays = {key: np.asarray(state[key], dtype=np.float64) for key in _ARRAY_KEYS}
+        n_features, n_components = int(state["n_features"]), int(state["n_components_fitted"])
+        n_genes = arrays["intercept"].size
+        expected = {
+            "feature_mean": n_features,
+            "feature_scale": n_features,
+            "pca_mean": n_features,
+            "components": n_components * n_features,
+            "coef": n_genes * n_components,
+            "alpha": n_genes,
+        }
+        wrong = {key: arrays[key].shape for key, size in expected.items() if arrays[key].size != size}
+        if wrong:
+            raise InputError(
+                f"ridge state arrays {wrong} do not fit {n_features} features, {n_components} components and "
+                f"{n_genes} genes; the saved weights were altered or come from another model."
+            )
         model.feature_mean_ = arrays["feature_mean"]
         model.feature_scale_ = arrays["feature_scale"]
         model.pca_mean_ = arrays["pca_mean"]

@@ -229,9 +229,9 @@ def train(
     Returns
     -------
     The trained model (an :class:`~sthisto.models.ExpressionModel`). With ``store=True`` it
-    also writes ``adata.uns['sthisto']['models'][key_added]``: ``{'manifest': <JSON>, 'weights':
-    <safetensors bytes as uint8>}``. The record survives ``write_h5ad``/``read_h5ad`` and
-    :func:`get_model` rebuilds an identical model from it.
+    also writes ``adata.uns['sthisto']['models'][key_added]``:
+    ``{'manifest': <JSON>, 'weights': <safetensors bytes as uint8>}``. The record survives
+    ``write_h5ad``/``read_h5ad`` and :func:`get_model` rebuilds an identical model from it.
 
     Examples
     --------
