@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import shutil
+import warnings
 from importlib.metadata import version as _version
 from pathlib import Path
 
 HERE = Path(__file__).parent
+
+# sphinx-autodoc-typehints 3.6 calls a Sphinx API deprecated for Sphinx 10 once per docstring.
+warnings.filterwarnings("ignore", message=".*_RstSnippetParser.set_application", module="sphinx_autodoc_typehints")
 
 project = "sthisto"
 author = "sthisto developers"
@@ -29,17 +35,22 @@ autodoc_typehints = "description"
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = True
+# sthisto's Returns / Yields sections are prose (what comes back and which keys are written),
+# not "name : type" lists; render them as written instead of parsing them as fields.
+napoleon_custom_sections = ["Returns", "Yields"]
 typehints_defaults = "comma"
 always_document_param_types = False
 
 myst_enable_extensions = ["colon_fence", "dollarmath"]
-# CI executes the notebooks separately (.ci/run); Read the Docs executes them here.
-nb_execution_mode = "auto"
-nb_execution_timeout = 900
-nb_execution_raise_on_error = True
+myst_heading_anchors = 3
+# The notebooks are rendered as committed, never executed here: CI executes them separately
+# (.ci/run), and executing them would make the documentation build train models.
+nb_execution_mode = "off"
 
-source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "**.ipynb_checkpoints"]
+# autosummary writes its pages as reStructuredText.
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+# generated/cli holds the command-line help pulled into api.md with {include}, not pages.
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "generated/cli"]
 templates_path = ["_templates"]
 html_theme = "sphinx_book_theme"
 html_static_path = ["_static"]
@@ -47,13 +58,53 @@ html_title = "sthisto"
 suppress_warnings = ["mystnb.unknown_mime_type"]
 
 
-def _copy_tutorials(app) -> None:
-    """Render the notebooks of ``tutorials/`` (kept at the repository root for users)."""
+def _copy_tutorials(app, config) -> None:
+    """Render the notebooks of ``tutorials/`` (kept at the repository root for users).
+
+    They are copied into ``docs/tutorials/`` (git-ignored) before Sphinx looks for sources;
+    copies whose notebook is gone are removed so that no stale page is built.
+    """
+    source = HERE.parent / "tutorials"
     target = HERE / "tutorials"
     target.mkdir(exist_ok=True)
-    for notebook in sorted((HERE.parent / "tutorials").glob("*.ipynb")):
-        shutil.copy2(notebook, target / notebook.name)
+    notebooks = {notebook.name: notebook for notebook in source.glob("*.ipynb")}
+    for stale in target.glob("*.ipynb"):
+        if stale.name not in notebooks:
+            stale.unlink()
+    for name, notebook in notebooks.items():
+        copy = target / name
+        if not copy.exists() or copy.read_bytes() != notebook.read_bytes():
+            shutil.copy2(notebook, copy)
+
+
+def _write_cli_help(app, config) -> None:
+    """Write ``sthisto [<command>] --help`` of the installed package for ``api.md`` to include."""
+    from sthisto.cli import build_parser
+
+    target = HERE / "generated" / "cli"
+    target.mkdir(parents=True, exist_ok=True)
+    # argparse wraps help to the terminal width; fix it so the pages do not depend on where they are built.
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parser = build_parser()
+        blocks = [("sthisto --help", parser.format_help())]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, subparser in action.choices.items():
+                    blocks.append((f"sthisto {name} --help", subparser.format_help()))
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
+    text = "".join(f"````{{code-block}} text\n:caption: {caption}\n\n{body.rstrip()}\n````\n\n" for caption, body in blocks)
+    help_file = target / "help.md"
+    if not help_file.exists() or help_file.read_text() != text:
+        help_file.write_text(text)
 
 
 def setup(app) -> None:
-    app.connect("builder-inited", _copy_tutorials)
+    # config-inited comes before Sphinx discovers the source files.
+    app.connect("config-inited", _copy_tutorials)
+    app.connect("config-inited", _write_cli_help)

@@ -39,9 +39,7 @@ def trained(request, cohort):
     adata, train_libraries, _ = cohort
     adata = adata.copy()
     torch.manual_seed(0)
-    model = sthisto.tl.train(
-        adata, request.param, train_mask=train_libraries, max_epochs=2, seed=0, progress_bar=False
-    )
+    model = sthisto.tl.train(adata, request.param, train_mask=train_libraries, max_epochs=2, seed=0, progress_bar=False)
     return request.param, adata, model
 
 
@@ -88,7 +86,9 @@ def test_save_and_load_give_identical_predictions(trained, cohort, tmp_path):
     folder = model.save(tmp_path / name)
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "weights.safetensors"]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["genes"] == list(model.genes) and manifest["network_params"] == json.loads(json.dumps(model.network_params))
+    assert manifest["genes"] == list(model.genes) and manifest["network_params"] == json.loads(
+        json.dumps(model.network_params)
+    )
 
     loaded = sthisto.io.load_model(folder)
     assert type(loaded) is type(model) and list(loaded.genes) == list(model.genes)

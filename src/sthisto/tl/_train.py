@@ -299,7 +299,9 @@ def _check_engine_options(adata, train_index, validation, early_stopping, resume
 
     split_validation(adata, train_index, validation, seed=seed)  # raises on a bad split
     if early_stopping and validation is None:
-        raise InputError("early_stopping needs a validation split: pass validation=0.1 or a list of training libraries.")
+        raise InputError(
+            "early_stopping needs a validation split: pass validation=0.1 or a list of training libraries."
+        )
     if resume and checkpoint_dir is None:
         raise InputError("resume=True needs checkpoint_dir=<folder of an earlier run>.")
 
