@@ -102,7 +102,8 @@ class GradientEnhancement(nn.Module):
     theta
         Central-difference weight θ (0.7).
     kernel
-        CDC kernel shape: ``"full"`` 3 × 3 (paper) or ``"cross"`` plus-shaped (reference).
+        CDC kernel shape: ``"full"`` 3 × 3 (CDCN) or ``"cross"`` plus-shaped (the authors' code;
+        :class:`HGGEFNet` uses it in both variants, see its notes).
     activation
         ``"relu"`` or ``"relu6"`` (reference).
     fuse_padding
@@ -279,7 +280,8 @@ class HGGEFNet(nn.Module):
     theta
         Central-difference weight (0.7).
     cdc_kernel
-        *(variant)* ``"full"`` 3 × 3 (paper) or ``"cross"`` plus-shaped (reference).
+        ``"cross"`` plus-shaped (default in both variants: the paper does not fix the
+        neighbourhood, the authors' code uses it) or ``"full"`` 3 × 3 (CDCN).
     gem_activation
         *(variant)* ``"relu"`` (paper default, see notes) or ``"relu6"`` (reference).
     gem_fuse_padding
@@ -779,11 +781,12 @@ class HGGEF(ExpressionModel):
     the same for training and prediction. See :class:`HGGEFNet` for the network and every
     difference between the paper and the authors' code.
 
-    ``variant="reference"`` reproduces the code's hypergraph node rule, distillation (on), cross
-    CDC kernel, ReLU6, padding quirk and 16 heads, and its native-pixel transposed patches. Not
-    reproduced, by design: dropout at evaluation (evaluation is deterministic), the optimiser
-    being rebuilt every 5 epochs, and checkpoints chosen on the test fold (sthisto never sees the
-    test fold while training; model selection uses ``validation=`` on training data).
+    ``variant="reference"`` reproduces the code's hypergraph node rule, distillation (on), ReLU6,
+    padding quirk and 16 heads, and its native-pixel transposed patches (the cross CDC kernel is
+    the default of both variants). Not reproduced, by design: dropout at evaluation (evaluation
+    is deterministic), the optimiser being rebuilt every 5 epochs, and checkpoints chosen on the
+    test fold (sthisto never sees the test fold while training; model selection uses
+    ``validation=`` on training data).
     """
 
     name = "hggef"

@@ -1,4 +1,4 @@
-"""``tl.superresolve``: predict expression between measured spots (HisToSGE, methods.md §3.5).
+"""``tl.superresolve``: predict expression between measured spots (HisToSGE; see docs/methods.md).
 
 New spots are made by translating every measured spot by fixed offsets, expressed in polar
 form relative to the centre distance ``R`` of the grid (derived per library from the data,
@@ -81,7 +81,7 @@ def superresolve(
     """Predict expression at new spots placed between the measured ones.
 
     Every measured spot is translated by the offsets of ``factor`` (see the table in
-    :mod:`sthisto.tl._superresolve` and methods.md §3.5), with ``R`` the median
+    :mod:`sthisto.tl._superresolve` and the HisToSGE section of the methods page), with ``R`` the median
     nearest-neighbour centre distance of the library's spots in full-resolution pixels
     (checked against ``spot_spacing_um`` / µm per pixel; a disagreement above 10% is logged)
     and directions following the grid's own axes (a least-squares fit of pixel on array
