@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import warnings
 from importlib.metadata import version as _version
 from pathlib import Path
+
+from sphinx.ext.napoleon.docstring import NumpyDocstring
+from sphinx.pycode import ModuleAnalyzer
 
 HERE = Path(__file__).parent
 
@@ -35,14 +39,10 @@ autodoc_typehints = "description"
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = True
-# sthisto's Returns / Yields sections are prose (what comes back and which keys are written),
-# not "name : type" lists; render them as written instead of parsing them as fields.
-napoleon_custom_sections = ["Returns", "Yields"]
 typehints_defaults = "comma"
 always_document_param_types = False
 
 myst_enable_extensions = ["colon_fence", "dollarmath"]
-myst_heading_anchors = 3
 # The notebooks are rendered as committed, never executed here: CI executes them separately
 # (.ci/run), and executing them would make the documentation build train models.
 nb_execution_mode = "off"
@@ -56,6 +56,46 @@ html_theme = "sphinx_book_theme"
 html_static_path = ["_static"]
 html_title = "sthisto"
 suppress_warnings = ["mystnb.unknown_mime_type"]
+
+
+def _prose_section(field: str):
+    """A napoleon section parser that keeps the section's text as written, as one ``field``."""
+
+    def parse(self, section: str) -> list[str]:
+        lines = self._strip_empty(self._dedent(self._consume_to_next_section()))
+        # sphinx-autodoc-typehints marks the section with a lone ":" line (an empty numpydoc type).
+        if lines and lines[0].strip() == ":":
+            lines = self._strip_empty(lines[1:])
+        return [f":{field}:", *self._indent(lines, 4), ""] if lines else []
+
+    return parse
+
+
+# sthisto's Returns / Yields sections are prose (what comes back, which keys are written), not
+# numpydoc's "name : type" lists, which napoleon would split at every colon. Keep them as
+# written, inside a :returns: field so sphinx-autodoc-typehints puts the return type beside it.
+NumpyDocstring._parse_returns_section = _prose_section("returns")
+NumpyDocstring._parse_yields_section = _prose_section("Yields")
+
+
+def _constant_docstring(app, what, name, obj, options, lines) -> None:
+    """Document a lazily exported constant with the docstring written beside its definition.
+
+    autodoc looks for a constant's docstring in the package that exports it, finds none there
+    (the sub-packages export names lazily) and falls back to the docstring of the value's type
+    (``float``, ``tuple``). The defining module is one of the package's private modules.
+    """
+    if what != "data":
+        return
+    package, _, attribute = name.rpartition(".")
+    for module_name in sorted(m for m in sys.modules if m.startswith(f"{package}._")):
+        try:
+            attribute_docs = ModuleAnalyzer.for_module(module_name).find_attr_docs()
+        except Exception:  # a compiled or source-less module: nothing to read
+            continue
+        if ("", attribute) in attribute_docs:
+            lines[:] = [line for line in attribute_docs["", attribute] if line is not None]
+            return
 
 
 def _copy_tutorials(app, config) -> None:
@@ -98,13 +138,17 @@ def _write_cli_help(app, config) -> None:
             del os.environ["COLUMNS"]
         else:
             os.environ["COLUMNS"] = previous
-    text = "".join(f"````{{code-block}} text\n:caption: {caption}\n\n{body.rstrip()}\n````\n\n" for caption, body in blocks)
+    text = "".join(
+        f"````{{code-block}} text\n:caption: `{caption}`\n\n{body.rstrip()}\n````\n\n" for caption, body in blocks
+    )
     help_file = target / "help.md"
     if not help_file.exists() or help_file.read_text() != text:
         help_file.write_text(text)
 
 
 def setup(app) -> None:
+    # After napoleon (500), which would read "text: more text" in these docstrings as "type: description".
+    app.connect("autodoc-process-docstring", _constant_docstring, priority=600)
     # config-inited comes before Sphinx discovers the source files.
     app.connect("config-inited", _copy_tutorials)
     app.connect("config-inited", _write_cli_help)
