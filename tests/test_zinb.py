@@ -84,3 +84,19 @@ def test_bad_shapes_raise():
         zinb_negative_log_likelihood(x, x, x, x * 0.5, size_factors=torch.ones(4))
     with pytest.raises(InputError, match="reduction"):
         zinb_negative_log_likelihood(x, x, x, x * 0.5, reduction="max")
+
+
+def test_a_spot_without_counts_keeps_the_loss_and_gradients_finite():
+    # her2st C2 has a spot with no counts in the 785 selected genes: its size factor is 0.
+    torch.manual_seed(0)
+    heads = ZINBHeads(8, 5)
+    h = torch.randn(4, 8, requires_grad=True)
+    out = heads(h)
+    counts = torch.poisson(torch.full((4, 5), 3.0))
+    counts[1] = 0.0
+    size_factors = torch.tensor([1.2, 0.0, 0.8, 1.0])
+    nll = zinb_negative_log_likelihood(counts, **out, size_factors=size_factors, reduction="none")
+    nll.sum().backward()
+    assert torch.isfinite(nll).all() and torch.isfinite(h.grad).all()
+    # with no expected counts, a zero count is certain: only the zero-inflation term is left
+    np.testing.assert_allclose(nll[1].detach().numpy(), np.zeros(5), atol=1e-6)

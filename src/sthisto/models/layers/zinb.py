@@ -98,7 +98,10 @@ def zinb_negative_log_likelihood(
             raise InputError(
                 f"size_factors has shape {tuple(size_factors.shape)}; expected ({counts.shape[0]},), one per spot."
             )
-        mean = mean * size_factors.unsqueeze(-1)
+        # A spot without counts in the selected genes has size factor 0: its expected counts are
+        # 0, and log(0) would turn the (unselected) non-zero branch into 0 · (−inf) = NaN, whose
+        # gradient torch.where still propagates. The floor changes no value a head can produce.
+        mean = (mean * size_factors.unsqueeze(-1)).clamp_min(_EPS)
     theta = dispersion
     log_theta_mu = torch.log(theta + mean)
     # −log NB(x; μ, θ), written with log-gamma functions.
