@@ -15,7 +15,6 @@ import sthisto
 pytestmark = pytest.mark.real_data
 
 TINY = sorted(name for name in sthisto.models.list_models() if name.endswith("_tiny"))
-PUBLISHED = ["hggef_tiny", "histosge_tiny", "histospace_tiny", "ridge_tiny", "thitogene_tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def her2st_c2_c3(her2st_dir):
     return adata
 
 
-@pytest.mark.parametrize("method", [name for name in TINY if name in PUBLISHED])
+@pytest.mark.parametrize("method", TINY)
 def test_trains_on_c2_and_predicts_c3(her2st_c2_c3, method):
     adata = her2st_c2_c3.copy()
     model = sthisto.tl.train(adata, method, train_mask=["C2"], max_epochs=1, seed=0, progress_bar=False)
