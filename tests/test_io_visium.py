@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.spatial import cKDTree
 
 import sthisto
 from sthisto._errors import InputError, MissingKeyError
@@ -55,7 +56,15 @@ def test_spaceranger_1x(visium_dir):
     scalefactors = entry["scalefactors"]
     for key, value in factors.items():
         assert scalefactors[key] == pytest.approx(value)
-    assert scalefactors["microns_per_pixel"] == pytest.approx(55.0 / factors["spot_diameter_fullres"])
+    # µm/px from the 100 µm pitch (median nearest-neighbour distance of all positions; the fixture's
+    # pixels are whole numbers, hence 1%), and Space Ranger's diameter is that of a 65 µm spot.
+    xy = _positions_v1(folder)[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float)
+    pitch_px = np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])
+    mpp = scalefactors["microns_per_pixel"]
+    assert mpp == pytest.approx(100.0 / pitch_px, rel=0.01)
+    assert mpp == pytest.approx(0.7252, abs=1e-4)  # not 55 / spot_diameter_fullres = 0.615
+    assert factors["spot_diameter_fullres"] * mpp == pytest.approx(65.0, rel=0.01)
+    assert adata.uns["sthisto"]["io"]["read_visium"]["microns_per_pixel_source"].startswith("spot grid")
     assert scalefactors["spot_spacing_um"] == 100
     assert entry["metadata"] == {"has_image": True, "source": "spaceranger"}
     for key, side in (("hires", 2000), ("lowres", 600)):
@@ -175,7 +184,8 @@ def test_fullres_image_path_is_stored_and_patched(visium_dir, tmp_path):
     metadata = adata.uns["spatial"]["s"]["metadata"]
     assert metadata["image_path"] == str(fullres_file.resolve()) and metadata["has_image"] is True
     mpp = adata.uns["spatial"]["s"]["scalefactors"]["microns_per_pixel"]
-    assert mpp == pytest.approx(55.0 * shrink / 89.42751063343188)
+    full = sthisto.io.read_visium(source, load_images=False).uns["spatial"]["spaceranger-1.0.0"]["scalefactors"]
+    assert mpp == pytest.approx(shrink * full["microns_per_pixel"])
     patches, clipped = PatchDataset(adata, spec=PatchSpec(size_px=16, size_um=55.0)).read_batch(range(adata.n_obs))
     assert not clipped.any()
     glass = np.asarray(Image.open(fullres_file))[:100, :100].mean()

@@ -59,13 +59,19 @@ _FEATURE_SCALE = np.array([6.0, 19.0, 0.21, 0.05, 0.42, 0.34, 0.25])
 class _Geometry:
     spacing_um: float
     diameter_um: float
+    """Physical spot (the footprint morphology is measured over)."""
     hexagonal: bool
     default_mpp: float
+    declared_diameter_um: float
+    """What ``spot_diameter_fullres`` is the pixel size of, as the platform's software writes it."""
 
 
 GEOMETRIES = {
-    "legacy": _Geometry(spacing_um=200.0, diameter_um=100.0, hexagonal=False, default_mpp=2.0),
-    "visium": _Geometry(spacing_um=100.0, diameter_um=55.0, hexagonal=True, default_mpp=1.0),
+    "legacy": _Geometry(
+        spacing_um=200.0, diameter_um=100.0, hexagonal=False, default_mpp=2.0, declared_diameter_um=100.0
+    ),
+    # Space Ranger writes the pixel diameter of a theoretical 65 µm spot, not of the 55 µm one.
+    "visium": _Geometry(spacing_um=100.0, diameter_um=55.0, hexagonal=True, default_mpp=1.0, declared_diameter_um=65.0),
 }
 
 _HIRES_MAX_SIDE = 1000
@@ -163,7 +169,9 @@ def synthetic(
     - ``varm['synthetic_loadings']``: (n_genes, 7) loadings ``L`` on the standardised features.
     - ``uns['spatial'][library_id]``: ``images`` with ``fullres`` (uint8 (H, W, 3), in memory)
       and ``hires`` (downscaled); ``scalefactors`` with ``tissue_hires_scalef``,
-      ``spot_diameter_fullres``, ``microns_per_pixel``, ``spot_spacing_um``; ``metadata``
+      ``spot_diameter_fullres`` (as the platform writes it: 100 µm for legacy ST; for Visium,
+      like Space Ranger, the pixel diameter of a theoretical 65 µm spot, although spots and
+      their morphology footprint are 55 µm), ``microns_per_pixel``, ``spot_spacing_um``; ``metadata``
       with ``has_image=True`` and ``source='sthisto.datasets.synthetic'``.
     - ``uns['sthisto']['synthetic']``: the parameters, the feature standardisation
       (``feature_centre``, ``feature_scale``) and per section the arguments that redraw its
@@ -232,7 +240,7 @@ def synthetic(
             Uns.IMAGES: {Images.FULLRES: image, Images.HIRES: hires},
             Uns.SCALEFACTORS: {
                 ScaleFactors.HIRES: scale,
-                ScaleFactors.SPOT_DIAMETER: geo.diameter_um / mpp,
+                ScaleFactors.SPOT_DIAMETER: geo.declared_diameter_um / mpp,
                 ScaleFactors.MICRONS_PER_PIXEL: mpp,
                 ScaleFactors.SPOT_SPACING_UM: geo.spacing_um,
             },

@@ -379,7 +379,8 @@ class _Library:
             raise MissingKeyError(
                 f"the physical scale of library {name!r} is unknown: pass microns_per_pixel= (µm per "
                 f"pixel of {'image ' + repr(image) if image else 'the spot coordinates'}), e.g. for "
-                f"Visium spots (55 µm across, here {diameter:.4g} px) microns_per_pixel={55.0 / diameter:.4g}."
+                f"Visium circles from Space Ranger ({diameter:.4g} px across, the size Space Ranger gives a "
+                f"theoretical 65 µm spot, not the 55 µm capture spot) microns_per_pixel={65.0 / diameter:.4g}."
             )
         if spot_spacing_um is not None:
             scalefactors[ScaleFactors.SPOT_SPACING_UM] = float(spot_spacing_um)

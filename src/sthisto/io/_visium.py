@@ -13,12 +13,24 @@ from .._anndata import record
 from .._constants import Images, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
-from ._common import check_spots_inside, existing_dir, image_size, read_small_image, spatial_entry
+from ._common import (
+    check_spots_inside,
+    existing_dir,
+    image_size,
+    pixels_per_unit,
+    read_small_image,
+    spatial_entry,
+)
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 """Visium capture spots are 55 µm across ..."""
 VISIUM_SPOT_SPACING_UM = 100.0
-"""... and 100 µm apart centre to centre."""
+"""... and 100 µm apart centre to centre, on a hexagonal grid."""
+SPACERANGER_DIAMETER_UM = 65.0
+"""Space Ranger's ``spot_diameter_fullres`` is the pixel diameter of a *theoretical 65 µm* spot
+(the 55 µm capture area plus a margin), not of the 55 µm spot itself."""
+SCALE_TOLERANCE = 0.05
+"""Relative disagreement between the grid's µm/px and the 65 µm definition's that warns."""
 
 POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 # Newest layout first: HD bins (parquet), Space Ranger ≥ 2.0 (csv with header), 1.x (no header).
@@ -76,12 +88,14 @@ def read_visium(
     ``uns['spatial'][library_id]``
         ``images`` (``hires``/``lowres`` as uint8 RGB, where present); ``scalefactors``: Space
         Ranger's (``tissue_hires_scalef``, ``spot_diameter_fullres``, ...) plus
-        ``microns_per_pixel`` (Space Ranger's where given, as for HD, else 55 µm /
-        ``spot_diameter_fullres``) and ``spot_spacing_um`` (100 for Visium, the bin size for
-        HD); ``metadata``: ``image_path`` (when ``fullres_image_path`` is given),
-        ``has_image``, ``source``.
+        ``microns_per_pixel`` (Space Ranger's where given, as for HD; else measured on the
+        spot grid, 100 µm centre to centre, and checked against ``spot_diameter_fullres``,
+        which Space Ranger defines as the pixel diameter of a theoretical 65 µm spot — not
+        of the 55 µm capture spot; see :func:`visium_microns_per_pixel`) and
+        ``spot_spacing_um`` (100 for Visium, the bin size for HD); ``metadata``:
+        ``image_path`` (when ``fullres_image_path`` is given), ``has_image``, ``source``.
     ``uns['sthisto']['io']['read_visium']``
-        The parameters used.
+        The parameters used and ``microns_per_pixel_source``.
 
     Examples
     --------
@@ -130,23 +144,25 @@ def read_visium(
             adata.obs_names[missing][:3].tolist(),
         )
         adata = adata[~missing].copy()
-    positions = positions.loc[adata.obs_names]
+    all_positions, positions = positions, positions.loc[adata.obs_names]
 
     bin_um = bin_um or scalefactors.get("bin_size_um")
-    mpp = scalefactors.get(ScaleFactors.MICRONS_PER_PIXEL)
-    diameter = scalefactors.get(ScaleFactors.SPOT_DIAMETER)
-    if mpp is None:
-        if bin_um is not None or not diameter:
+    if bin_um is not None:
+        mpp, mpp_source = scalefactors.get(ScaleFactors.MICRONS_PER_PIXEL), SCALEFACTORS_FILE
+        if mpp is None:
             raise InputError(
-                f"{str(scalefactors_file)!r} gives neither 'microns_per_pixel' nor (for Visium "
-                f"spots) 'spot_diameter_fullres'; the physical scale is unknown. Add "
-                f"'microns_per_pixel' to the file from the scanner's metadata."
+                f"{str(scalefactors_file)!r} gives no 'microns_per_pixel'; the physical scale of these "
+                f"Visium HD bins is unknown. Add 'microns_per_pixel' to the file from Space Ranger's output."
             )
-        mpp = VISIUM_SPOT_DIAMETER_UM / float(diameter)
+    else:
+        mpp, mpp_source = visium_microns_per_pixel(
+            all_positions, scalefactors, library_id=library_id, file=scalefactors_file
+        )
+    diameter = scalefactors.get(ScaleFactors.SPOT_DIAMETER)
     scalefactors[ScaleFactors.MICRONS_PER_PIXEL] = float(mpp)
     scalefactors[ScaleFactors.SPOT_SPACING_UM] = float(bin_um) if bin_um is not None else VISIUM_SPOT_SPACING_UM
-    if diameter is None:
-        scalefactors[ScaleFactors.SPOT_DIAMETER] = (float(bin_um) if bin_um else VISIUM_SPOT_DIAMETER_UM) / mpp
+    if diameter is None:  # written as Space Ranger defines it
+        scalefactors[ScaleFactors.SPOT_DIAMETER] = (float(bin_um) if bin_um else SPACERANGER_DIAMETER_UM) / mpp
 
     coords = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     images = _read_images(spatial_dir, scalefactors, coords, library_id) if load_images else {}
@@ -185,10 +201,87 @@ def read_visium(
             "fullres_image_path": None if image_path is None else str(image_path),
             "bin_size": bin_um,
             "positions_file": positions_file.name,
+            "microns_per_pixel_source": mpp_source,
         },
         overwrite=True,
     )
     return adata
+
+
+def visium_microns_per_pixel(
+    positions: pd.DataFrame, scalefactors: dict, *, library_id: str, file
+) -> tuple[float, str]:
+    """µm per full-resolution pixel of a Visium (not HD) slide, and where it came from.
+
+    The spot grid is the ruler: spots sit 100 µm apart centre to centre on a hexagonal grid
+    (``array_col`` steps by 2 along a row, so one column unit is 50 µm and one row unit
+    50·√3 µm). A least-squares affine fit of the pixel centres on these µm positions gives the
+    pixels per µm whatever the rotation or flip of the array on the image (see
+    :func:`~sthisto.io._common.pixels_per_unit`). Every row of the positions file counts (spots
+    off tissue too), so the fit holds however few spots have counts.
+
+    The result is checked against Space Ranger's ``spot_diameter_fullres``, the pixel diameter
+    of a theoretical 65 µm spot; a disagreement above 5% is logged. A ``microns_per_pixel`` in
+    the scale factors wins (and is checked the same way). With fewer than three positions or
+    positions on one line the grid cannot be fitted and the 65 µm definition is used, with a
+    warning.
+
+    Returns
+    -------
+    microns_per_pixel
+        µm per full-resolution pixel.
+    source
+        ``"scalefactors_json.json"``, ``"spot grid (100 µm centre to centre)"`` or
+        ``"spot_diameter_fullres (65 µm spot)"``.
+    """
+    grid_um = np.column_stack(
+        [
+            positions["array_col"].to_numpy(dtype=float) * VISIUM_SPOT_SPACING_UM / 2,
+            positions["array_row"].to_numpy(dtype=float) * VISIUM_SPOT_SPACING_UM * np.sqrt(3) / 2,
+        ]
+    )
+    pixels = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float)
+    px_per_um = pixels_per_unit(grid_um, pixels)
+    from_grid = 1.0 / px_per_um if np.isfinite(px_per_um) and px_per_um > 0 else None
+    diameter = scalefactors.get(ScaleFactors.SPOT_DIAMETER)
+    from_diameter = SPACERANGER_DIAMETER_UM / float(diameter) if diameter and diameter > 0 else None
+    given = scalefactors.get(ScaleFactors.MICRONS_PER_PIXEL)
+    if given is not None and given > 0:
+        mpp, source = float(given), SCALEFACTORS_FILE
+    elif from_grid is not None:
+        mpp, source = from_grid, "spot grid (100 µm centre to centre)"
+    elif from_diameter is not None:
+        logger.warning(
+            "library %r: its %d spot positions lie on one line or are too few to measure the 100 µm grid; "
+            "µm per pixel taken from spot_diameter_fullres (the pixel size of a 65 µm spot): %.4g.",
+            library_id,
+            len(positions),
+            from_diameter,
+        )
+        return from_diameter, "spot_diameter_fullres (65 µm spot)"
+    else:
+        raise InputError(
+            f"{str(file)!r} gives neither 'microns_per_pixel' nor 'spot_diameter_fullres', and the spot "
+            f"positions are too few to measure the 100 µm grid; the physical scale is unknown. Add "
+            f"'microns_per_pixel' to the file from the scanner's metadata."
+        )
+    checks = [("spot_diameter_fullres (65 µm spot)", from_diameter)]
+    if source == SCALEFACTORS_FILE:
+        checks.insert(0, ("the spot grid (100 µm centre to centre)", from_grid))
+    for name, other in checks:
+        if other is not None and abs(other - mpp) > SCALE_TOLERANCE * mpp:
+            logger.warning(
+                "library %r: µm per pixel is %.4g from the %s but %.4g from %s (%+.0f%%); using %.4g. Check that "
+                "the positions and scale factors come from one Space Ranger run of one image.",
+                library_id,
+                mpp,
+                source,
+                other,
+                name,
+                100 * (other / mpp - 1),
+                mpp,
+            )
+    return mpp, source
 
 
 def _resolve_bin_folder(folder: Path, bin_size: int | None) -> tuple[Path, float | None]:
