@@ -91,6 +91,27 @@ def test_ssim_matches_scikit_image_single_window():
     assert np.allclose(ssim_columns(observed, 3 * observed), 1.0)
 
 
+def test_ssim_is_undefined_below_two_spots():
+    observed, predicted = _pair(n_spots=1, n_genes=4)
+    assert np.isnan(ssim_columns(np.abs(observed), np.abs(predicted) + 1.0)).all()
+    assert np.isnan(ssim_columns(np.zeros((0, 3)), np.zeros((0, 3)))).all()
+    assert np.isfinite(ssim_columns(*_pair(n_spots=2, n_genes=4))).all()
+
+
+def test_ssim_scores_a_never_positive_prediction_as_the_zero_map():
+    observed, _ = _pair(n_spots=40, n_genes=3)
+    rng = np.random.default_rng(4)
+    never_positive = np.column_stack([np.zeros(40), -rng.gamma(2.0, size=40), np.full(40, -1.0)])
+    ours = ssim_columns(observed, never_positive)
+    scaled = observed / observed.max(axis=0)
+    c1, c2 = 0.01**2, 0.03**2
+    expected = (c1 * c2) / ((scaled.mean(axis=0) ** 2 + c1) * (scaled.var(axis=0) + c2))
+    np.testing.assert_allclose(ours, expected, rtol=1e-12)
+    assert (ours < 0.01).all()
+    # an observed map that is never positive has nothing to scale: undefined
+    assert np.isnan(ssim_columns(np.zeros((40, 1)), observed[:, :1])).all()
+
+
 def test_group_metrics_match_scipy_and_sklearn():
     from sklearn.metrics import mean_absolute_error, mean_squared_error
 
@@ -151,7 +172,9 @@ def test_clustering_is_seeded():
 def test_evaluate_per_section_and_overall():
     adata = _adata()
     table = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed")
-    assert list(table.columns) == ["predicted", "group", "scope", "metric", "value"]
+    assert list(table.columns) == ["predicted", "group", "scope", "metric", "value", "genes"]
+    assert set(table.loc[table["metric"].isin(["pearson_gene_mean", "ssim_mean", "mse"]), "genes"]) == {"all 6"}
+    assert set(table.loc[table["metric"] == "n_spots", "genes"]) == {""}
     sections = {"S0": slice(0, 49), "S1": slice(49, 85)}
     for group, rows in sections.items():
         x, y = adata.layers["observed"][rows], adata.layers["predicted"][rows]
@@ -189,7 +212,9 @@ def test_constant_genes_are_counted_not_silently_dropped():
     assert _value(table, "S0", "n_genes_constant_observed") == 1
     assert _value(table, "S0", "n_genes_pearson_undefined") == 1
     assert _value(table, "S1", "n_genes_constant_predicted") == 1
-    assert _value(table, "S1", "n_genes_ssim_undefined") >= 1  # maximum <= 0: no max-scaling
+    # never positive: scored as the all-zero map, not dropped from SSIM
+    assert _value(table, "S1", "n_genes_predicted_never_positive") == 1
+    assert _value(table, "S1", "n_genes_ssim_undefined") == 0
     assert _value(table, "overall", "n_genes_pearson_undefined") == 2
     x, y = adata.layers["observed"][:49], adata.layers["predicted"][:49]
     expected = np.mean([stats.pearsonr(x[:, j], y[:, j])[0] for j in range(1, 6)])
@@ -205,11 +230,65 @@ def test_single_spot_section():
     assert _value(table, "S1", "n_spots") == 1
     assert np.isnan(_value(table, "S1", "pearson_gene_mean"))
     assert _value(table, "S1", "n_genes_pearson_undefined") == 6
+    # one spot has no map: SSIM is undefined and counted (it used to score 1.0 for any positive prediction)
+    assert np.isnan(_value(table, "S1", "ssim_mean"))
+    assert _value(table, "S1", "n_genes_ssim_undefined") == 6
+    assert _value(table, "overall", "ssim_mean") == pytest.approx(_value(table, "S0", "ssim_mean"))
     x, y = adata.layers["observed"][40], adata.layers["predicted"][40]
     assert abs(_value(table, "S1", "mse") - np.mean((x - y) ** 2)) < TOL
     assert abs(_value(table, "S1", "pearson_spot_mean") - stats.pearsonr(x, y)[0]) < TOL
     # the overall mean skips the undefined section rather than becoming NaN
     assert abs(_value(table, "overall", "pearson_gene_mean") - _value(table, "S0", "pearson_gene_mean")) < TOL
+
+
+def test_a_model_predicting_nothing_for_a_gene_does_not_lift_ssim():
+    adata = _adata(labels=False)
+    honest = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed", key_added="honest")
+    adata.layers["predicted"][:49, 2] = 0.0  # gives up on G2 in S0
+    adata.layers["predicted"][:49, 4] = -adata.layers["observed"][:49, 4]  # negative, varying
+    table = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed")
+    per_gene = sthisto.tl.get_metrics(adata, "predicted", per_gene=True).set_index(["group", "gene"])
+    assert per_gene.loc[("S0", "G2"), "ssim"] < 0.01 and per_gene.loc[("S0", "G4"), "ssim"] < 0.01
+    assert bool(per_gene.loc[("S0", "G2"), "predicted_never_positive"])
+    assert _value(table, "S0", "n_genes_predicted_never_positive") == 2
+    assert _value(table, "S0", "n_genes_ssim_undefined") == 0
+    s0 = per_gene.loc["S0", "ssim"]
+    assert _value(table, "S0", "ssim_mean") == pytest.approx(s0.mean())  # over all six genes
+    assert _value(table, "S0", "ssim_mean") < _value(honest, "S0", "ssim_mean")
+
+
+def test_the_table_says_which_genes_each_mean_covers():
+    adata = _adata(labels=False)
+    adata.layers["predicted"][49:, 1] = 0.5  # constant in S1: no Pearson r, but an SSIM
+    adata.layers["observed"][:49, 3] = 0.0  # never expressed in S0: neither
+    table = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed")
+
+    def genes(group, metric):
+        return table.loc[(table["group"] == group) & (table["metric"] == metric), "genes"].item()
+
+    assert genes("S1", "pearson_gene_mean") == genes("S1", "spearman_gene_median") == "5 of 6; left out: G1"
+    assert genes("S1", "ssim_mean") == "all 6"
+    assert genes("S0", "pearson_gene_mean") == genes("S0", "ssim_mean") == "5 of 6; left out: G3"
+    assert genes("S1", "mse") == genes("S1", "pearson_spot_mean") == "all 6"
+    assert genes("overall", "pearson_gene_mean").startswith("10 of 12 gene x group pairs")
+    assert genes("overall", "ssim_mean").startswith("11 of 12 gene x group pairs")
+    assert genes("overall", "n_spots") == ""
+
+    coverage = adata.uns["sthisto"]["evaluate"]["predicted"]["gene_coverage"].set_index(["group", "value"])
+    assert coverage.loc[("S1", "pearson"), "left_out"] == "G1" and coverage.loc[("S1", "ssim"), "left_out"] == ""
+    assert not coverage.loc[("S1", "ssim"), "same_as_pearson"] and coverage.loc[("S0", "ssim"), "same_as_pearson"]
+    assert coverage.loc[("S1", "ssim"), "n_covered"] == 6 and coverage.loc[("S1", "pearson"), "n_covered"] == 5
+
+
+def test_long_lists_of_left_out_genes_are_cut_short_in_the_table():
+    adata = _adata(n_per_section=(30,), n_genes=14, labels=False)
+    adata.layers["predicted"][:, :12] = 1.0  # constant: no Pearson r for 12 genes
+    table = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed")
+    text = table.loc[(table["group"] == "S0") & (table["metric"] == "pearson_gene_mean"), "genes"].item()
+    assert text.startswith("2 of 14; left out: G0, G1,") and "G9," in text and "G10" not in text
+    assert text.endswith("(+2 more: NaN in per_gene['pearson'])")
+    coverage = adata.uns["sthisto"]["evaluate"]["predicted"]["gene_coverage"].set_index(["group", "value"])
+    assert coverage.loc[("S0", "pearson"), "left_out"].split(", ") == [f"G{j}" for j in range(12)]
 
 
 def test_unpredicted_spots_and_genes_are_left_out_and_counted():

@@ -47,7 +47,11 @@ METRIC_DEFINITIONS = {
     "spearman_gene_median": "median over genes of Spearman rho across spots",
     "pearson_spot_mean": "mean over spots of Pearson r across genes (HistoSPACE)",
     "pearson_spot_median": "median over spots of Pearson r across genes",
-    "ssim_mean": "mean over genes of global SSIM of max-scaled gene vectors, C1=0.01^2, C2=0.03^2",
+    "ssim_mean": (
+        "mean over genes of global SSIM of max-scaled gene vectors, C1=0.01^2, C2=0.03^2; undefined (NaN, "
+        "counted) with fewer than 2 spots or an observed maximum <= 0; a prediction never positive is scored as "
+        "the all-zero map, not left out"
+    ),
     "mse": "mean squared error over all spot x gene values",
     "mae": "mean absolute error over all spot x gene values",
     "rmse": "sqrt(mse)",
@@ -57,6 +61,16 @@ METRIC_DEFINITIONS = {
     "nmi_leiden": "normalised mutual information, same Leiden clusters",
 }
 
+GENE_MEANS = {
+    "pearson_gene_mean": "pearson",
+    "pearson_gene_median": "pearson",
+    "spearman_gene_mean": "spearman",
+    "spearman_gene_median": "spearman",
+    "ssim_mean": "ssim",
+}
+"""Metrics averaged over the genes whose per-gene value (this ``per_gene`` column) is defined."""
+_MAX_NAMES_LISTED = 10
+
 # Overall value of count metrics: summed over groups (the n_genes_* ones count gene x group pairs).
 _SUMMED_METRICS = (
     "n_spots",
@@ -64,6 +78,7 @@ _SUMMED_METRICS = (
     "n_genes_constant_predicted",
     "n_genes_pearson_undefined",
     "n_genes_ssim_undefined",
+    "n_genes_predicted_never_positive",
     "n_spots_pearson_undefined",
     "n_spots_not_predicted",
     "n_genes_not_predicted",
@@ -117,20 +132,30 @@ def spearman_columns(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
 
 def ssim_columns(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Global SSIM of every column after scaling each column by its maximum (see the module docs).
+    """Global SSIM of every column after scaling each column by its maximum (see :func:`evaluate`).
+
+    A predicted column that is never positive predicts no expression anywhere: it is scored as
+    the all-zero map (a low SSIM), not left out, so a model cannot raise its mean by predicting
+    nothing for the genes it gets wrong.
 
     Returns
     -------
-    ``(m,)`` float64 array; NaN where the observed or predicted column's maximum is <= 0.
+    ``(m,)`` float64 array; NaN where the observed column's maximum is <= 0 (no map to scale)
+    and for every column when there are fewer than two rows (one value has no structure: its
+    scaled map would be 1 = 1 for any positive prediction).
     """
     x = np.asarray(observed, dtype=np.float64)
     y = np.asarray(predicted, dtype=np.float64)
-    x_max = x.max(axis=0) if len(x) else np.full(x.shape[1], np.nan)
-    y_max = y.max(axis=0) if len(y) else np.full(y.shape[1], np.nan)
-    defined = (x_max > 0) & (y_max > 0)
+    if x.shape != y.shape or x.ndim != 2:
+        raise InputError(f"observed {x.shape} and predicted {y.shape} must be 2-d arrays of the same shape.")
+    if x.shape[0] < 2:
+        return np.full(x.shape[1], np.nan)
+    x_max = x.max(axis=0)
+    y_max = y.max(axis=0)
+    defined = x_max > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         xs = x / np.where(defined, x_max, 1.0)
-        ys = y / np.where(defined, y_max, 1.0)
+        ys = np.where(y_max > 0, y / np.where(y_max > 0, y_max, 1.0), 0.0)
     mu_x, mu_y = xs.mean(axis=0), ys.mean(axis=0)
     var_x = ((xs - mu_x) ** 2).mean(axis=0)
     var_y = ((ys - mu_y) ** 2).mean(axis=0)
@@ -335,6 +360,7 @@ def group_metrics(
             n_genes_constant_predicted=np.nan,
             n_genes_pearson_undefined=np.nan,
             n_genes_ssim_undefined=np.nan,
+            n_genes_predicted_never_positive=np.nan,
             n_spots_pearson_undefined=np.nan,
         )
         per_gene = pd.DataFrame(columns=["gene", "pearson", "spearman", "ssim", "mse", "mae"])
@@ -347,6 +373,7 @@ def group_metrics(
     pearson = pearson_columns(x, y)
     spearman = spearman_columns(x, y)
     ssim = ssim_columns(x, y)
+    never_positive = ~(y.max(axis=0) > 0)
     spot_pearson = pearson_columns(x.T, y.T)
     error = y - x
     metrics.update(
@@ -365,6 +392,7 @@ def group_metrics(
             "n_genes_constant_predicted": float(constant_y.sum()),
             "n_genes_pearson_undefined": float(np.isnan(pearson).sum()),
             "n_genes_ssim_undefined": float(np.isnan(ssim).sum()),
+            "n_genes_predicted_never_positive": float(never_positive.sum()),
             "n_spots_pearson_undefined": float(np.isnan(spot_pearson).sum()),
         }
     )
@@ -381,6 +409,7 @@ def group_metrics(
             "mae": np.mean(np.abs(error), axis=0),
             "constant_observed": constant_x,
             "constant_predicted": constant_y,
+            "predicted_never_positive": never_positive,
         }
     )
     return metrics, per_gene
@@ -393,10 +422,40 @@ def _nan_stat(function: Callable, values: np.ndarray) -> float:
     return float(function(values))
 
 
+def _gene_set(metric: str) -> str | None:
+    """Per-gene column whose defined values a metric averages; ``""`` for counts; None: all genes."""
+    if metric in GENE_MEANS:
+        return GENE_MEANS[metric]
+    if metric.startswith("n_"):
+        return ""
+    return None
+
+
+def _covered(per_gene: pd.DataFrame, column: str) -> tuple[int, int, list[str]]:
+    """(genes in the mean, genes evaluated, genes left out) of one group."""
+    defined = np.isfinite(per_gene[column].to_numpy(dtype=np.float64))
+    return int(defined.sum()), len(defined), per_gene["gene"].astype(str).to_numpy()[~defined].tolist()
+
+
+def _coverage_text(covered: int, evaluated: int, left_out: list[str], column: str) -> str:
+    if covered == evaluated:
+        return f"all {evaluated}"
+    names = ", ".join(left_out[:_MAX_NAMES_LISTED])
+    more = len(left_out) - _MAX_NAMES_LISTED
+    if more > 0:
+        names += f", ... (+{more} more: NaN in per_gene[{column!r}])"
+    return f"{covered} of {evaluated}; left out: {names}"
+
+
 def metric_frames(
     groups: Sequence[tuple[str, dict[str, float], pd.DataFrame]],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Tidy table (``group``, ``scope``, ``metric``, ``value``) with overall rows, and the per-gene table."""
+    """Tidy table (``group``, ``scope``, ``metric``, ``value``, ``genes``) with overall rows, and the per-gene table.
+
+    ``genes`` says which genes a value covers: ``"all <n>"`` (every evaluated gene of the
+    group), or for the per-gene means ``"<k> of <n>; left out: ..."`` naming the genes whose
+    value is undefined; empty for counts. Overall rows count gene x group pairs.
+    """
     rows = []
     per_gene = []
     names: list[str] = []
@@ -404,21 +463,42 @@ def metric_frames(
         for metric, value in metrics.items():
             if metric not in names:
                 names.append(metric)
-            rows.append({"group": str(group), "scope": "group", "metric": metric, "value": float(value)})
+            column = _gene_set(metric)
+            if column is None:
+                text = f"all {len(genes)}"
+            elif column == "":
+                text = ""
+            else:
+                text = _coverage_text(*_covered(genes, column), column)
+            rows.append({"group": str(group), "scope": "group", "metric": metric, "value": float(value), "genes": text})
         per_gene.append(genes.assign(group=str(group)))
-    table = pd.DataFrame(rows, columns=["group", "scope", "metric", "value"])
+    table = pd.DataFrame(rows, columns=["group", "scope", "metric", "value", "genes"])
+    distinct = len({g for _, _, genes in groups for g in genes["gene"]})
+    sizes = [len(genes) for _, _, genes in groups]
+    all_text = (
+        f"all {distinct}"
+        if all(n == distinct for n in sizes)
+        else f"each group's evaluated genes ({min(sizes)}-{max(sizes)} of {distinct})"
+    )
     overall = []
     for metric in names:
         values = table.loc[table["metric"] == metric, "value"].to_numpy(dtype=np.float64)
         if metric in _SUMMED_METRICS:
             value = float(np.nansum(values)) if np.isfinite(values).any() else np.nan
         elif metric == "n_genes":
-            value = float(len({g for _, _, genes in groups for g in genes["gene"]}))
+            value = float(distinct)
         else:
             value = _nan_stat(np.nanmean, values)
-        overall.append({"group": OVERALL, "scope": "overall", "metric": metric, "value": value})
+        column = _gene_set(metric)
+        text = "" if column == "" else all_text
+        if column:
+            counts = [_covered(genes, column) for _, _, genes in groups]
+            covered, evaluated = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            if covered != evaluated:
+                text = f"{covered} of {evaluated} gene x group pairs (per group: see its rows)"
+        overall.append({"group": OVERALL, "scope": "overall", "metric": metric, "value": value, "genes": text})
     n_groups = len(groups)
-    overall.append({"group": OVERALL, "scope": "overall", "metric": "n_groups", "value": float(n_groups)})
+    overall.append({"group": OVERALL, "scope": "overall", "metric": "n_groups", "value": float(n_groups), "genes": ""})
     table = pd.concat([table, pd.DataFrame(overall)], ignore_index=True)
     genes_table = (
         pd.concat(per_gene, ignore_index=True)
@@ -625,7 +705,10 @@ def evaluate(
     -------
     With ``copy=False``: the tidy metrics table (also stored), one row per group and metric
     plus ``overall`` rows, columns ``predicted``, ``group``, ``scope`` (``"group"`` or
-    ``"overall"``), ``metric``, ``value``. Pivot it with
+    ``"overall"``), ``metric``, ``value``, ``genes`` (which genes the value covers: ``"all
+    <n>"``, or for a per-gene mean whose value is undefined for some genes ``"<k> of <n>;
+    left out: <names>"``, so Pearson's and SSIM's means never silently cover different
+    genes; empty for counts). Pivot it with
     ``table.pivot(index="group", columns="metric", values="value")``. With ``copy=True``: the
     modified copy (read the table back with :func:`sthisto.tl.get_metrics`).
 
@@ -634,8 +717,11 @@ def evaluate(
     ``protocol`` (from the cross-validation record, or ``"predictions"`` with the libraries
     the model was trained on and a warning flag when they overlap the evaluated groups),
     ``aggregation``, ``definitions``, ``clustering`` (the ARI preprocessing), ``seed``,
-    ``table`` (the tidy table) and ``per_gene`` (``group``, ``gene``, ``pearson``,
-    ``spearman``, ``ssim``, ``mse``, ``mae``, ``constant_observed``, ``constant_predicted``).
+    ``table`` (the tidy table), ``per_gene`` (``group``, ``gene``, ``pearson``,
+    ``spearman``, ``ssim``, ``mse``, ``mae``, ``constant_observed``, ``constant_predicted``,
+    ``predicted_never_positive``) and ``gene_coverage`` (per group and per-gene value
+    ``pearson`` / ``spearman`` / ``ssim``: ``n_covered``, ``n_evaluated``, ``left_out``, the
+    full comma-separated list of genes outside its mean, and ``same_as_pearson``).
 
     Notes
     -----
@@ -665,9 +751,14 @@ def evaluate(
         with ``C1 = 0.01**2`` and ``C2 = 0.03**2`` (K1 = 0.01, K2 = 0.03, data range 1 after the
         scaling); means, variances and the covariance divide by ``n`` (not ``n - 1``). Spot order
         does not matter. It equals scikit-image's ``structural_similarity`` with one window
-        spanning the data, ``use_sample_covariance=False`` and ``data_range=1``. The scaling is
-        only defined for a positive maximum: a gene whose observed or predicted maximum is <= 0
-        has no SSIM (counted in ``n_genes_ssim_undefined``). Averaged over genes.
+        spanning the data, ``use_sample_covariance=False`` and ``data_range=1``. A gene whose
+        observed maximum is <= 0 has no map to scale and no SSIM; nor has any gene of a group
+        with fewer than two spots (a single scaled value is 1 for any positive prediction, so
+        it would score 1.0). Both are NaN, counted in ``n_genes_ssim_undefined`` and left out
+        of the mean. A prediction that is never positive predicts no expression anywhere and
+        is scored as the all-zero map (a low SSIM; counted in
+        ``n_genes_predicted_never_positive``), not left out. Averaged over genes; the
+        ``genes`` column says which genes each mean covers.
     ``mse``, ``mae``, ``rmse``
         Over all spot x gene values of the group (HisToSGE's MSE / MAE); ``rmse = sqrt(mse)``.
     ``ari_kmeans``, ``nmi_kmeans``, ``ari_leiden``, ``nmi_leiden`` (with ``labels_key``)
@@ -805,7 +896,37 @@ def evaluate(
     stored = sthisto_uns(adata)[_FUNCTION][key_added]
     stored["table"] = table
     stored["per_gene"] = per_gene_table
+    stored["gene_coverage"] = gene_coverage(results)
     return adata if copy else table
+
+
+def gene_coverage(groups: Sequence[tuple[str, dict[str, float], pd.DataFrame]]) -> pd.DataFrame:
+    """Which genes each per-gene mean covers, per group: the full lists behind the table's ``genes``.
+
+    Returns
+    -------
+    One row per group and per-gene value (``pearson``, ``spearman``, ``ssim``): ``n_covered``,
+    ``n_evaluated``, ``left_out`` (comma-separated genes whose value is undefined, so outside
+    the mean) and ``same_as_pearson`` (the mean covers exactly Pearson's genes).
+    """
+    rows = []
+    for group, _, genes in groups:
+        if len(genes) == 0:
+            continue
+        pearson_left = set(_covered(genes, "pearson")[2])
+        for column in ("pearson", "spearman", "ssim"):
+            covered, evaluated, left_out = _covered(genes, column)
+            rows.append(
+                {
+                    "group": str(group),
+                    "value": column,
+                    "n_covered": covered,
+                    "n_evaluated": evaluated,
+                    "left_out": ", ".join(left_out),
+                    "same_as_pearson": set(left_out) == pearson_left,
+                }
+            )
+    return pd.DataFrame(rows, columns=["group", "value", "n_covered", "n_evaluated", "left_out", "same_as_pearson"])
 
 
 def _target_text(entry: dict) -> str:
