@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import anndata as ad
 import numpy as np
@@ -203,6 +204,47 @@ def test_rule_based_genes_use_training_spots_only(data):
         sthisto.pp.select_genes(train, flavor="seurat", n_top_genes=4, key_added="expected")
         assert sorted(info["genes"]) == sorted(train.var_names[train.var["expected"]])
     assert entry["genes_rule"].startswith("hvg:4")
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("sthisto")]
+
+
+def test_a_var_selection_made_on_all_spots_is_warned_about_and_recorded(data, caplog):
+    adata = _fresh(data)
+    sthisto.pp.select_genes(adata, flavor="seurat", n_top_genes=4)  # a rule, run on every spot
+    with caplog.at_level(logging.WARNING, logger="sthisto"):
+        sthisto.tl.cross_validate(adata, TinyCV, split="patient", key_added="all", **FAST)  # genes=None
+    messages = [m for m in _warnings(caplog) if "including test folds" in m]
+    assert len(messages) == 1
+    assert "var['sthisto_selected']" in messages[0] and "genes='seurat:4'" in messages[0]
+    entry = adata.uns["sthisto"]["cross_validate"]["all"]
+    assert entry["gene_selection"] == "selected_on_all_spots"
+    assert entry["gene_selection_note"].startswith("selected on all spots, including test folds")
+    protocol = adata.uns["sthisto"]["evaluate"]["all"]["protocol"]
+    assert protocol["gene_selection"] == "selected_on_all_spots"
+    assert "including test folds" in protocol["gene_selection_note"]
+    assert sorted(entry["genes"]) == sorted(adata.var_names[adata.var["sthisto_selected"]])
+
+    # the same column named explicitly, and scanpy's highly_variable with its uns['hvg'] record
+    adata.var["highly_variable"] = adata.var["sthisto_selected"].to_numpy()
+    adata.uns["hvg"] = {"flavor": "seurat"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sthisto"):
+        sthisto.tl.cross_validate(adata, TinyCV, split="patient", genes="highly_variable", key_added="hv", **FAST)
+    assert any("scanpy.pp.highly_variable_genes" in m for m in _warnings(caplog))
+
+
+def test_given_lists_and_per_fold_rules_stay_silent(data, caplog):
+    adata = _fresh(data)
+    sthisto.pp.select_genes(adata, genes=list(adata.var_names[:4]))  # a given list: no data looked at
+    with caplog.at_level(logging.WARNING, logger="sthisto"):
+        sthisto.tl.cross_validate(adata, TinyCV, split="patient", key_added="given", **FAST)
+        sthisto.tl.cross_validate(adata, TinyCV, split="patient", genes="hvg:4", key_added="rule", **FAST)
+    assert not [m for m in _warnings(caplog) if "test folds" in m]
+    assert adata.uns["sthisto"]["cross_validate"]["given"]["gene_selection"] == "given"
+    assert adata.uns["sthisto"]["cross_validate"]["given"]["gene_selection_note"] == ""
+    assert adata.uns["sthisto"]["cross_validate"]["rule"]["gene_selection"] == "per_fold_training_data"
 
 
 def test_methods_compared_on_identical_folds(data):

@@ -31,7 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._anndata import check_record_writable, check_writable, record, sthisto_uns, write
-from .._constants import Obs, Var
+from .._constants import Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from ..pp._patches import library_ids
@@ -177,6 +177,40 @@ def _gene_rule(adata, genes) -> tuple[str, Any]:
     if genes is None and SELECTED_GENES_KEY in adata.var:
         genes = SELECTED_GENES_KEY
     return "given", _resolve_genes(adata, genes)
+
+
+def _selection_on_all_spots(adata, genes) -> str | None:
+    """Describe a given ``var`` selection that a data-driven rule made on all spots; None if not.
+
+    A boolean ``var`` column written by :func:`sthisto.pp.select_genes` with a rule (not a
+    given list), or scanpy's ``highly_variable`` with its ``uns['hvg']`` record, looked at every
+    spot, test folds included: the genes a fold predicts then depend on its test spots.
+    """
+    from ._train import SELECTED_GENES_KEY
+
+    column = SELECTED_GENES_KEY if genes is None else genes
+    if not isinstance(column, str) or column not in adata.var:
+        return None
+    made = adata.uns.get(Uns.STHISTO, {}).get("select_genes", {}).get(column)
+    if made is not None:
+        flavor = str(np.asarray(made.get("flavor", "given")).item())
+        if flavor == "given":
+            return None
+        n_top = made.get("n_top_genes")
+        n_top = int(np.asarray(n_top).item()) if n_top is not None else "<n>"
+        return (
+            f"var[{column!r}] was selected by sthisto.pp.select_genes(flavor={flavor!r}, n_top_genes={n_top}) on "
+            f"all spots, including test folds. Pass genes='{flavor}:{n_top}' to select on each fold's training spots."
+        )
+    hvg = adata.uns.get("hvg")
+    if column == "highly_variable" and isinstance(hvg, dict):
+        flavor = str(np.asarray(hvg.get("flavor", "seurat")).item())
+        flavor = flavor if flavor in _GENE_RULE_FLAVORS else "seurat_v3"
+        return (
+            f"var['highly_variable'] was selected by scanpy.pp.highly_variable_genes(flavor={flavor!r}) on all "
+            f"spots, including test folds. Pass genes='{flavor}:<n>' to select on each fold's training spots."
+        )
+    return None
 
 
 def _training_view(adata, train: np.ndarray):
@@ -349,7 +383,9 @@ def cross_validate(
         draws its hold-out from ``seed``.
     genes
         Genes to predict. Taken as given: a list, a boolean ``var`` column, or ``None``
-        (``var['sthisto_selected']`` when present, else all genes). Computed on each fold's
+        (``var['sthisto_selected']`` when present, else all genes); a column that
+        :func:`sthisto.pp.select_genes` filled by a rule (or scanpy's ``highly_variable``) saw
+        the test folds, which is warned about and recorded. Computed on each fold's
         training spots only: a rule ``"<flavor>:<n>"`` (``hvg`` = scanpy ``seurat``,
         ``seurat_v3``, ``cell_ranger``, ``per_section_union``; see
         :func:`sthisto.pp.select_genes`), or a callable receiving an AnnData of the fold's
@@ -403,10 +439,12 @@ def cross_validate(
     - ``var[f"{k}_predicted"]``: genes predicted in at least one fold.
     - ``obs[f"{key_added}_fold"]``: the fold in which each spot was held out (NaN if never).
     - ``uns['sthisto']['cross_validate'][k]``: ``method``, ``split``, ``split_description``,
-      ``fold_key``, ``gene_selection`` (``"given"`` or ``"per_fold_training_data"``),
-      ``genes_rule``, ``genes`` (union), ``folds`` (per fold: ``test`` units, spot counts,
-      ``genes``, ``target``, ``target_layer``, ``seed``, ``device``, ``trained_on``,
-      ``history`` as JSON), ``models`` (per fold: ``model.to_record()``, or the manifest only),
+      ``fold_key``, ``gene_selection`` (``"given"``, ``"per_fold_training_data"``, or
+      ``"selected_on_all_spots"`` for a given ``var`` selection that a data-driven rule made
+      on every spot, test folds included, which also logs a warning), ``gene_selection_note``
+      (what was selected how, empty otherwise), ``genes_rule``, ``genes`` (union), ``folds``
+      (per fold: ``test`` units, spot counts, ``genes``, ``target``, ``target_layer``,
+      ``seed``, ``device``, ``trained_on``, ``history`` as JSON), ``models`` (per fold: ``model.to_record()``, or the manifest only),
       ``table`` (this method's rows);
     - ``uns['sthisto']['evaluate'][k]``: the :func:`sthisto.tl.evaluate` result.
     - With a list: ``uns['sthisto']['cross_validate'][key_added]`` holds ``methods``,
@@ -468,6 +506,9 @@ def cross_validate(
 
     plan = plan_folds(adata, split, folds, seed=seed)
     gene_selection, rule = _gene_rule(adata, genes)
+    leak = _selection_on_all_spots(adata, genes) if gene_selection == "given" else None
+    if leak is not None:
+        logger.warning("cross_validate: %s The held-out scores are optimistic.", leak)
 
     single = len(resolved) == 1
     prefix = key_added or ("cv" if not single else f"cv_{names[0]}")
@@ -563,7 +604,8 @@ def cross_validate(
                 "split_description": SPLITS[split],
                 "folds_argument": json.dumps(folds, default=str),
                 "fold_key": fold_key,
-                "gene_selection": gene_selection,
+                "gene_selection": "selected_on_all_spots" if leak is not None else gene_selection,
+                "gene_selection_note": "" if leak is None else f"selected on all spots, including test folds: {leak}",
                 "genes_rule": _describe_rule(genes, gene_selection),
                 "genes": union,
                 "layer": layer if layer is not None else "None",

@@ -949,6 +949,7 @@ def _protocol(function: str | None, entry: dict | None, groups: list[str]) -> di
             "split": str(entry.get("split")),
             "description": str(entry.get("split_description", "")),
             "gene_selection": str(entry.get("gene_selection", "")),
+            "gene_selection_note": str(entry.get("gene_selection_note", "")),
         }
     if function == "predict":
         trained = _record_value(entry.get("trained_on"), "{}")
