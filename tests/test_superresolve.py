@@ -225,3 +225,29 @@ def test_graph_methods_use_neighbourhoods(data):
     fine = sthisto.tl.superresolve(data, model, factor=4, batch_size=40)
     assert model.prediction_summary["mode"] == "neighbourhoods" and model.prediction_summary["n_units"] > 1
     assert np.isfinite(fine.X).all() and model.data_params["prediction_chunk_spots"] is None
+
+
+def _clipped_by_hand(spots, side, shape):
+    """Whether a ``side``-px patch centred on each spot (x, y) reaches past an image of ``shape``."""
+    origin = np.rint(spots.obsm["spatial"] - side / 2.0)
+    height, width = shape
+    return (origin < 0).any(axis=1) | (origin[:, 0] + side > width) | (origin[:, 1] + side > height)
+
+
+def test_new_spots_whose_patch_crosses_the_border_are_flagged():
+    adata = square_grid(origin=60.0, shape=(400, 400))  # the first row's upward offsets land at y = 10
+    # ridge_tiny reads handcrafted features of 112 µm: 56 px at 2 µm/px, so y = 10 reaches past the top edge.
+    four = sthisto.tl.superresolve(adata, ridge(adata), factor=4)
+    flag = four.obs["patch_clipped"].to_numpy()
+    assert flag.dtype == bool
+    np.testing.assert_array_equal(flag, _clipped_by_hand(four, 56, (400, 400)))
+    assert flag.sum() == 6 and np.allclose(four.obsm["spatial"][flag, 1], 10.0)
+    summary = four.uns["sthisto"]["superresolve"]["ridge_superresolved"]["libraries"]["L"]
+    assert summary["n_patch_clipped"] == 6
+
+    # A pixel method (section-wide, neighbourhood prediction) reads its own 100 µm patches: 50 px.
+    model = sthisto.tl.train(adata, TinyGraph, progress_bar=False, store=False)
+    pixels = sthisto.tl.superresolve(adata, model, factor=4, include_original=True)
+    expected = _clipped_by_hand(pixels, 50, (400, 400))
+    np.testing.assert_array_equal(pixels.obs["patch_clipped"].to_numpy(), expected)
+    assert expected.sum() == 6 and not expected[pixels.obs["offset_index"].to_numpy() == 0].any()

@@ -32,6 +32,8 @@ class Obs:
     """Spots of :func:`sthisto.tl.superresolve`: ``obs_names`` of the measured spot translated."""
     OFFSET_INDEX: Final = "offset_index"
     """Spots of :func:`sthisto.tl.superresolve`: which offset made the spot (0 = the parent itself)."""
+    PATCH_CLIPPED: Final = "patch_clipped"
+    """Spots of :func:`sthisto.tl.superresolve`: the patch read for the spot crosses the image border."""
 
 
 class Obsm:

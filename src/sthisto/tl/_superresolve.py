@@ -137,7 +137,10 @@ def superresolve(
     ``obs``
         ``library_id``; ``parent_spot`` (``obs_names`` of the measured spot translated);
         ``offset_index`` (1-based index into the offsets, 0 for included measured spots);
-        ``array_row`` / ``array_col``: integers on the declared finer grid (from 0).
+        ``array_row`` / ``array_col``: integers on the declared finer grid (from 0);
+        ``patch_clipped``: True where the patch the model read for the spot (its pixels, or
+        the encoder's field of view for feature methods) crosses the image border and was
+        padded with white, so its prediction rests on partly blank input.
     ``obsm['spatial']``
         Centres (x, y) in full-resolution pixels, all inside the image.
     ``uns['spatial'][library_id]``
@@ -147,7 +150,8 @@ def superresolve(
     ``uns['sthisto']``
         ``adata``'s records, plus ``['superresolve'][key_added]``: factor, grid, offsets, per
         library ``R`` (px and µm), the declared spacing, counts of candidates, merged
-        duplicates and spots dropped outside the image; method and model.
+        duplicates, spots dropped outside the image and patches clipped at its border
+        (``n_patch_clipped``); method and model.
 
     Examples
     --------
@@ -254,11 +258,12 @@ def superresolve(
             kind=FUNCTION,
         )
 
-    predictions = []
+    predictions, clipped = [], []
     restore = _prepare_model(adata, fitted, chosen, coords, libraries_of_spot)
     try:
         for part in parts:
             out = np.zeros((len(part["coords"]), len(fitted.genes)), dtype=np.float32)
+            at_border = np.zeros(len(part["coords"]), dtype=bool)
             if fitted.prediction_mode() == "neighbourhoods":
                 everything = np.ones(len(part["coords"]), dtype=bool)
                 facing = build(part, everything, model_facing=True)
@@ -270,12 +275,17 @@ def superresolve(
                     out[:] = fitted.predict_plan(facing, plan, device=device)
                 finally:
                     fitted.data_params["prediction_chunk_spots"] = chunk
+                at_border[:] = _patch_clipped(facing, fitted)
             else:
                 parent_batch = part["parent_index"] // int(batch_size)
                 for number in np.unique(parent_batch):
                     select = parent_batch == number
-                    out[select] = fitted.predict(build(part, select, model_facing=True), device=device)
+                    facing = build(part, select, model_facing=True)
+                    out[select] = fitted.predict(facing, device=device)
+                    at_border[select] = _patch_clipped(facing, fitted)
             predictions.append(out)
+            clipped.append(at_border)
+            summary[part["library"]]["n_patch_clipped"] = int(at_border.sum())
     finally:
         restore()
 
@@ -291,6 +301,7 @@ def superresolve(
         obs_columns={
             Obs.PARENT_SPOT: np.concatenate([p["parent_name"] for p in parts]).astype(str),
             Obs.OFFSET_INDEX: np.concatenate([p["offset_index"] for p in parts]).astype(np.int64),
+            Obs.PATCH_CLIPPED: np.concatenate(clipped) if clipped else np.zeros(0, dtype=bool),
         },
         scalefactors={p["library"]: p["scalefactors"] for p in parts},
         kind=FUNCTION,
@@ -448,6 +459,30 @@ def _new_spots(names, coords, positions, geometry, *, factor, include_original, 
         "n_outside": n_outside,
         "off_grid": off_grid,
     }
+
+
+def _patch_clipped(facing, fitted) -> np.ndarray:
+    """Per spot of ``facing``: True where the patch the model read reaches past the image border.
+
+    Pixel methods read :attr:`~sthisto.models.ExpressionModel.patch_spec`; feature methods
+    read what :func:`sthisto.pp.embed` recorded when it embedded these very spots.
+    """
+    from ..pp._patches import PatchDataset, PatchSpec
+
+    if fitted.input_kind == "features":
+        data = fitted.data_params
+        key = data.get("features_key") or f"X_{data.get('encoder')}"
+        made = facing.uns.get(Uns.STHISTO, {}).get("embed", {}).get(key)
+        if made is None:
+            raise InputError(
+                f"the new spots' features in obsm[{key!r}] carry no sthisto.pp.embed record, so which pixels they "
+                f"came from is unknown. Train the model with encoder='<name>' so new spots are embedded here."
+            )
+        spec = PatchSpec(size_px=int(made["patch_size_px"]), size_um=float(made["patch_size_um"]))
+        image_key = None if str(made["image_key"]) == Images.FULLRES else str(made["image_key"])
+    else:
+        spec, image_key = fitted.patch_spec, fitted.data_params.get("image_key")
+    return PatchDataset(facing, spec=spec, image_key=image_key).clipped
 
 
 def _prepare_model(adata, fitted, libraries, coords, libraries_of_spot):
