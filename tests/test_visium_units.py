@@ -18,6 +18,7 @@ import scipy.sparse as sp
 
 import sthisto
 from sthisto._constants import ScaleFactors, Uns
+from sthisto._errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,7 @@ def _write_spaceranger(adata, folder, *, scalefactors=None, rows=None):
     factors = adata.uns[Uns.SPATIAL][library][Uns.SCALEFACTORS]
     written = {ScaleFactors.SPOT_DIAMETER: float(factors[ScaleFactors.SPOT_DIAMETER])}
     written.update(scalefactors or {})
+    written = {k: v for k, v in written.items() if v is not None}
     (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(written))
     return folder
 
@@ -145,3 +147,22 @@ def test_spots_on_one_line_fall_back_to_the_65_um_definition(section, tmp_path, 
     assert _scale(adata)[ScaleFactors.MICRONS_PER_PIXEL] == pytest.approx(1.6)
     assert adata.uns["sthisto"]["io"]["read_visium"]["microns_per_pixel_source"] == "spot_diameter_fullres (65 µm spot)"
     assert any("one line" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_no_grid_and_no_diameter_is_a_clear_error(section, tmp_path):
+    row = section.obs["array_row"].to_numpy()
+    line = np.flatnonzero(row == np.bincount(row).argmax())
+    folder = _write_spaceranger(section, tmp_path / "outs", rows=line, scalefactors={ScaleFactors.SPOT_DIAMETER: None})
+    with pytest.raises(InputError, match="physical scale is unknown.*Add 'microns_per_pixel'"):
+        _read(folder)
+
+
+def test_visium_hd_keeps_space_rangers_microns_per_pixel(section, tmp_path):
+    """HD bins are a square grid whose pitch is the bin size: Space Ranger's µm/px is used as written."""
+    folder = _write_spaceranger(section, tmp_path / "square_008um", scalefactors={ScaleFactors.MICRONS_PER_PIXEL: 0.5})
+    adata = _read(folder)
+    factors = _scale(adata)
+    assert factors[ScaleFactors.MICRONS_PER_PIXEL] == 0.5 and factors[ScaleFactors.SPOT_SPACING_UM] == 8.0
+    (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps({ScaleFactors.SPOT_DIAMETER: 16.0}))
+    with pytest.raises(InputError, match="no 'microns_per_pixel'.*Visium HD"):
+        _read(folder)
