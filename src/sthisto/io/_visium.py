@@ -91,7 +91,7 @@ def read_visium(
         ``microns_per_pixel`` (Space Ranger's where given, as for HD; else measured on the
         spot grid, 100 µm centre to centre, and checked against ``spot_diameter_fullres``,
         which Space Ranger defines as the pixel diameter of a theoretical 65 µm spot — not
-        of the 55 µm capture spot; see :func:`visium_microns_per_pixel`) and
+        of the 55 µm capture spot; disagreements above 5% are logged) and
         ``spot_spacing_um`` (100 for Visium, the bin size for HD); ``metadata``:
         ``image_path`` (when ``fullres_image_path`` is given), ``has_image``, ``source``.
     ``uns['sthisto']['io']['read_visium']``
@@ -155,7 +155,7 @@ def read_visium(
                 f"Visium HD bins is unknown. Add 'microns_per_pixel' to the file from Space Ranger's output."
             )
     else:
-        mpp, mpp_source = visium_microns_per_pixel(
+        mpp, mpp_source = _visium_microns_per_pixel(
             all_positions, scalefactors, library_id=library_id, file=scalefactors_file
         )
     diameter = scalefactors.get(ScaleFactors.SPOT_DIAMETER)
@@ -208,7 +208,7 @@ def read_visium(
     return adata
 
 
-def visium_microns_per_pixel(
+def _visium_microns_per_pixel(
     positions: pd.DataFrame, scalefactors: dict, *, library_id: str, file
 ) -> tuple[float, str]:
     """µm per full-resolution pixel of a Visium (not HD) slide, and where it came from.
