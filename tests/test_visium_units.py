@@ -166,3 +166,23 @@ def test_visium_hd_keeps_space_rangers_microns_per_pixel(section, tmp_path):
     (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps({ScaleFactors.SPOT_DIAMETER: 16.0}))
     with pytest.raises(InputError, match="no 'microns_per_pixel'.*Visium HD"):
         _read(folder)
+
+
+def test_superresolution_declares_its_grid_in_true_microns(section, tmp_path, caplog):
+    """Space Ranger output → read_visium → superresolve: the measured pitch is 100 µm, the new grid 50 µm."""
+    from PIL import Image
+
+    library = section.obs["library_id"].cat.categories[0]
+    image_file = tmp_path / "he.png"
+    Image.fromarray(section.uns[Uns.SPATIAL][library]["images"]["fullres"]).save(image_file)
+    folder = _write_spaceranger(section, tmp_path / "outs")
+    adata = _read(folder, fullres_image_path=image_file, library_id="v")
+    model = sthisto.tl.train(adata, "ridge_tiny", progress_bar=False, store=False)
+    with caplog.at_level(logging.WARNING, logger="sthisto"):
+        fine = sthisto.tl.superresolve(adata, model, factor=4)
+    summary = fine.uns["sthisto"]["superresolve"]["ridge_superresolved"]["libraries"]["v"]
+    assert summary["grid"] == "hex"
+    assert summary["R_um"] == pytest.approx(100.0, rel=1e-6)
+    assert summary["new_spacing_um"] == pytest.approx(50.0, rel=1e-6)
+    assert fine.uns[Uns.SPATIAL]["v"][Uns.SCALEFACTORS][ScaleFactors.SPOT_SPACING_UM] == pytest.approx(50.0)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "centre distance" in r.getMessage()]
