@@ -429,7 +429,7 @@ def cross_validate(
     The tidy metrics table: columns ``method``, ``predicted`` (the layer key), ``split``,
     ``evaluated_on`` (``"held_out"``; with ``split="spots"`` also ``"training_reference"``
     rows scoring the models on their own training spots, a reference figure only),
-    ``group``, ``scope``, ``metric``, ``value`` (see :func:`sthisto.tl.evaluate`).
+    ``group``, ``scope``, ``metric``, ``value``, ``genes`` (see :func:`sthisto.tl.evaluate`).
 
     Writes, for each method key ``k`` (``key_added`` for one method):
 
