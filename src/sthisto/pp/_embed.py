@@ -291,12 +291,16 @@ def _run(dataset, encoder, *, coords, extras, batch_size, num_workers, precision
 
     features = np.full((n_obs, encoder.output_dim), np.nan, dtype=np.float32)
     extra_values = np.full((n_obs, _n_extra(extras)), np.nan, dtype=np.float32)
+    # Creating a loader's iterator draws a base seed; from a private generator it leaves the
+    # global torch stream alone, so a model created after an embedding (tl.train embeds while
+    # configuring) gets the same initial weights whether or not the features were cached.
     loader = DataLoader(
         _BatchedPatches(dataset, batch_size),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=encoder.device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),
     )
     show = progress if progress is not None else sys.stderr.isatty()
     results = _DeferredCopy(encoder.device)
