@@ -151,7 +151,9 @@ def test_clustering_is_seeded():
 def test_evaluate_per_section_and_overall():
     adata = _adata()
     table = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed")
-    assert list(table.columns) == ["predicted", "group", "scope", "metric", "value"]
+    columns = ["predicted", "weights", "random_weights", "group", "scope", "metric", "value"]
+    assert list(table.columns) == columns
+    assert set(table["weights"]) == {"unknown"}  # layers without a predict record: origin not known
     sections = {"S0": slice(0, 49), "S1": slice(49, 85)}
     for group, rows in sections.items():
         x, y = adata.layers["observed"][rows], adata.layers["predicted"][rows]
