@@ -133,9 +133,12 @@ def test_hggef_without_imagenet_weights_warns_and_stores_the_trunk_provenance(co
 
 def test_cross_validate_table_carries_the_weights(cohort):
     adata = cohort.copy()
-    table = sthisto.tl.cross_validate(
-        adata, "ridge_tiny", split="section", encoder="uni", encoder_kwargs=TINY_UNI, progress=False
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = sthisto.tl.cross_validate(
+            adata, "ridge_tiny", split="section", encoder="uni", encoder_kwargs=TINY_UNI, progress=False
+        )
+    assert len(_random_warnings(caught)) == 1  # once per call, not once per fold
     assert set(table["weights"]) == {"random"} and table["random_weights"].all()
     record = adata.uns["sthisto"]["cross_validate"]["cv_ridge_tiny"]
     assert record["weights"] == "random"

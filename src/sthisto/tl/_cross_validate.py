@@ -20,6 +20,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -269,14 +270,21 @@ def _worker_fit(task: _Task) -> dict:
 def _run_tasks(adata, tasks: list[_Task], *, n_jobs: int, devices: list | None, progress: bool) -> list[dict]:
     from tqdm.auto import tqdm
 
+    from ..encoders._provenance import RandomWeightsWarning
+
     bar = tqdm(total=len(tasks), desc="cross-validation folds", disable=not progress, unit="fold")
     results: list[dict] = []
     try:
         if n_jobs == 1:
+            warned: set[str] = set()
             for task in tasks:
                 logger.info("cross_validate: %s, fold %r (%d train / %d test spots)", task.method_name,
                             task.fold, len(task.train), len(task.test))  # fmt: skip
-                results.append(_fit_task(adata, task))
+                with warnings.catch_warnings():
+                    if task.method_name in warned:  # later folds would repeat the first one's warning
+                        warnings.simplefilter("ignore", RandomWeightsWarning)
+                    results.append(_fit_task(adata, task))
+                warned.add(task.method_name)
                 bar.update()
             return results
         context = multiprocessing.get_context("spawn")  # fork is unsafe with torch threads and CUDA
