@@ -211,3 +211,40 @@ def test_new_spots_are_embedded_with_the_training_features_weights(tmp_path):
     assert model.data_params["encoder"] != "histospace"
     np.testing.assert_array_equal(model.predict(bare, device="cpu"), expected)
     assert bare.uns["sthisto"]["embed"]["X_hs"]["weights_provenance"] == model.provenance["features"]["weights"]
+
+
+def _fake_hub_cache(root, repo_id: str, commit: str):
+    """A Hugging Face cache holding one timm repository, as hf_hub_download leaves it (offline use)."""
+    from safetensors.torch import save_file
+
+    encoder = get_encoder("uni", **TINY_UNI)
+    folder = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    config = {"architecture": "vit_large_patch16_224", "model_args": TINY_UNI}
+    (snapshot / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in encoder.model.state_dict().items()}
+    save_file(state, str(snapshot / "model.safetensors"))
+
+
+def test_hub_weights_are_recorded_and_new_spots_use_the_same_revision(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _fake_hub_cache(tmp_path, "lab/tiny-uni", commit)
+    adata = sthisto.datasets.synthetic(n_sections=2, n_spots=12, n_genes=4, seed=8)
+    hub = {"encoder": "uni", "encoder_weights": "hf-hub:lab/tiny-uni", "encoder_kwargs": {"cache_dir": str(tmp_path)}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = sthisto.tl.train(adata, "ridge_tiny", progress_bar=False, store=False, **hub)
+    assert not _random_warnings(caught)
+    weights = model.provenance["features"]["weights"]
+    assert weights["source"] == "hub" and weights["hub_id"] == "hf-hub:lab/tiny-uni" and weights["revision"] == commit
+    assert weights_label(model.provenance) == f"hub:lab/tiny-uni@{commit}"
+    fine = sthisto.tl.superresolve(adata, model, factor=4)
+    assert np.isfinite(fine.X).all()
+    # the new spots were embedded from the same hub revision (an error otherwise: the cache has no other)
+    bare = adata.copy()
+    del bare.obsm["X_uni"], bare.uns["sthisto"]["embed"]
+    np.testing.assert_allclose(model.predict(bare, device="cpu"), model.predict(adata, device="cpu"), rtol=1e-5)

@@ -318,7 +318,8 @@ class ExpressionModel:
         reused by later calls). Without it, the features must already be there. Features that
         are present are used as given: when only their extras (``extra_features``) are
         missing, those alone are computed into ``obsm[f"{key}_extra"]`` and ``obsm[key]`` is
-        left untouched.
+        left untouched. ``encoder_kwargs`` (a dict) goes to :func:`sthisto.encoders.get_encoder`
+        (e.g. ``revision=`` or ``cache_dir=`` for hub weights).
         """
         encoder = data.get("encoder")
         extras = tuple(data.get("extra_features") or ())
