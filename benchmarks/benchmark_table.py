@@ -12,8 +12,9 @@ Two cohorts, one protocol each:
 Each (cohort, method) runs ``sthisto.tl.cross_validate`` in a fresh process, so the peak
 resident memory (``ru_maxrss`` of that process) and the wall time belong to that method alone.
 Written to ``--out``: ``benchmark_table.csv`` (tidy) and ``benchmark_table.md`` (one row per
-cohort × method: per-gene PCC mean / median, per-spot PCC mean, RMSE, SSIM, train + predict
-time, peak memory, epochs).
+cohort × method: weight provenance (``weights``: ``random``, ``file:<sha256[:12]>``,
+``hub:<id>@<rev>``, ``none`` when nothing is pretrained; ``random_weights``), per-gene PCC
+mean / median, per-spot PCC mean, RMSE, SSIM, train + predict time, peak memory, epochs).
 
 Defaults are CPU settings that finish in about half an hour on 2 cores: the ``*_tiny``
 variants for the deep methods and few epochs (stated in the table). On a GPU run the full
@@ -109,10 +110,13 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int) -
             row[label] = float(per_gene.loc[per_gene["gene"].str.startswith(prefix), "pearson"].mean())
     cls, variant = sthisto.models._registry.resolve_method(method)
     epochs = params.get("max_epochs", cls.all_training_defaults().get("max_epochs"))
+    # where the pretrained components' weights came from, so a random-weight row says so
     row.update(
         cohort=cohort,
         protocol=split,
         method=method,
+        weights=str(table["weights"].iloc[0]),
+        random_weights=bool(table["random_weights"].any()),
         n_spots=int(adata.n_obs),
         n_genes=int(adata.n_vars),
         n_folds=int(table.loc[table["scope"] == "group", "group"].nunique()),
@@ -166,12 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print("   ", {k: row[k] for k in ("pearson_gene_mean", "pearson_spot_mean", "seconds", "peak_rss_gb")})
             frame = pd.DataFrame(rows)
-            first = ["cohort", "protocol", "method", "epochs"]
+            first = ["cohort", "protocol", "method", "weights", "random_weights", "epochs"]
             frame = frame[first + [c for c in frame.columns if c not in first]]
             frame.to_csv(args.out / "benchmark_table.csv", index=False)  # written as we go: partial runs count
             (args.out / "benchmark_table.md").write_text(markdown(frame))
     if rows:
-        print(markdown(pd.DataFrame(rows)[["cohort", "method", "epochs", *HEADLINE, "seconds", "peak_rss_gb"]]))
+        shown = ["cohort", "method", "weights", "epochs", *HEADLINE, "seconds", "peak_rss_gb"]
+        print(markdown(pd.DataFrame(rows)[shown]))
     return 0
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -337,12 +335,14 @@ def test_backbone_weights_load_from_a_local_file(tmp_path):
         assert torch.equal(value, reference.state_dict()[name]), name
 
 
-def test_backbone_weights_from_the_torch_cache_or_a_warning(tmp_path, monkeypatch, caplog):
+def test_backbone_weights_from_the_torch_cache_or_a_warning(tmp_path, monkeypatch):
+    from sthisto.encoders import RandomWeightsWarning
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="sthisto"):
+    with pytest.warns(RandomWeightsWarning, match="backbone_weights=") as caught:
         random_net = _tiny(backbone_weights="auto")
     assert random_net.trunk.weights_source is None
-    assert "backbone_weights=" in caplog.text and "never downloads" in caplog.text
+    assert "never downloads" in str(caught[0].message)
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     reference = _saved_shufflenet(cache / "shufflenetv2_x0.5-0123456789.pth")

@@ -137,3 +137,21 @@ def test_a_saved_model_with_edited_weights_is_refused(trained, tmp_path):
     save_file(tensors, str(folder / "weights.safetensors"))
     with pytest.raises(InputError):
         sthisto.io.load_model(folder)
+
+
+def test_training_again_in_the_same_process_gives_the_same_model(trained, cohort):
+    # The first training leaves cached features (and records) behind on the object; a second
+    # call with the same seed must not depend on them: same weights, same predictions.
+    name, adata, model = trained
+    train_libraries, test_library = cohort[1], cohort[2]
+    torch.manual_seed(123)  # the global stream before the call must not matter either
+    again = sthisto.tl.train(
+        adata, name, train_mask=train_libraries, max_epochs=2, seed=0, progress_bar=False, store=False
+    )
+    if model.network is not None:
+        first, second = model.state_tensors(), again.state_tensors()
+        assert sorted(first) == sorted(second)
+        for key in first:
+            torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=f"{name}: {key} differs")
+    test = _held_out(adata, test_library)
+    np.testing.assert_array_equal(again.predict(test, device="cpu"), model.predict(test, device="cpu"))

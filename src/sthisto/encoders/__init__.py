@@ -18,5 +18,9 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "HANDCRAFTED_FEATURE_NAMES": "._handcrafted",
         "read_state_dict": "._checkpoint",
         "load_weights_strict": "._checkpoint",
+        "weights_provenance": "._provenance",
+        "provenance_label": "._provenance",
+        "weights_label": "._provenance",
+        "RandomWeightsWarning": "._provenance",
     },
 )

@@ -15,6 +15,7 @@ from .._device import resolve_device
 from .._errors import InputError
 from .._logging import logger
 from ._checkpoint import file_fingerprint, load_weights_strict, module_fingerprint, read_state_dict
+from ._provenance import provenance_from_text, weights_provenance
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 """ImageNet channel means for inputs scaled to 0–1 (timm's ``IMAGENET_DEFAULT_MEAN``)."""
@@ -65,6 +66,11 @@ class Encoder:
     weights_fingerprint
         Identifies the exact weights (file path + size + mtime, parameter hash, seed); used by
         :func:`sthisto.pp.embed` to decide whether cached features are still valid.
+    provenance
+        Where the weights came from, as a record of
+        :func:`sthisto.encoders.weights_provenance` (``source`` ``file`` / ``hub`` / ``cache`` /
+        ``random`` / ``none`` / ``module``, with path and SHA-256, hub id and revision, or seed).
+        Default: read from ``weights`` and ``weights_fingerprint``.
     pool
         Reduction of a model output with more than two dimensions: ``"avg"`` averages all
         trailing dimensions (global average pooling of a feature map), ``"flatten"`` flattens
@@ -93,6 +99,7 @@ class Encoder:
     interpolation: str = "bilinear"
     weights: str = "in-memory module"
     weights_fingerprint: str = ""
+    provenance: dict = field(default_factory=dict)
     pool: Literal["avg", "flatten"] | None = None
     patch_size_um: float | None = None
     mixed_precision: bool = True
@@ -130,6 +137,9 @@ class Encoder:
                 raise InputError(f"{len(self.feature_names)} feature_names for output_dim={self.output_dim}.")
         if not self.weights_fingerprint:
             self.weights_fingerprint = self.weights
+        if not self.provenance:
+            self.provenance = provenance_from_text(self.weights, self.weights_fingerprint)
+        self.provenance = dict(self.provenance)
         self.device = torch.device(self.device)
         if self.channels_last and isinstance(self.model, nn.Module):
             self.model.to(memory_format=torch.channels_last)
@@ -197,6 +207,8 @@ class Encoder:
             fingerprint = (
                 options.pop("weights_fingerprint", None) or f"callable:{getattr(module, '__module__', '')}.{qualname}"
             )
+        if not options.get("provenance") and weights is None:
+            options["provenance"] = weights_provenance("module", fingerprint=fingerprint)
         encoder = cls(
             model=module,
             name=name,
@@ -244,6 +256,7 @@ class Encoder:
             state = read_state_dict(state_dict)
             origin = str(state_dict)
             options.setdefault("weights_fingerprint", file_fingerprint(state_dict))
+            options.setdefault("provenance", weights_provenance("file", path=state_dict))
         elif isinstance(state_dict, Mapping):
             state, origin = dict(state_dict), "state dict"
         else:
@@ -388,6 +401,7 @@ class Encoder:
             "encoder": self.name,
             "weights": self.weights,
             "weights_fingerprint": self.weights_fingerprint,
+            "weights_provenance": dict(self.provenance),
             "output_dim": self.output_dim,
             "input_size": self.input_size,
             "mean": list(self.mean),

@@ -265,6 +265,10 @@ def _histospace(*, weights=None, token=None, seed=0, module=None, pooling: str =
         description, fingerprint = None, None
     network = histospace.HistoSPACEFeatureExtractor(module, pooling=pooling, patch_size=HISTOSPACE_TILE_PX)
     options = {"weights_fingerprint": fingerprint} if fingerprint else {}
+    if description is not None:
+        from ._provenance import weights_provenance
+
+        options["provenance"] = weights_provenance("file", path=weights)
     # The network scales uint8 itself but takes float input as already in [-1, 1]: 0–1 scale,
     # mean 0.5, std 0.5 gives exactly that.
     return Encoder.from_module(

@@ -15,6 +15,7 @@ from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from ._checkpoint import file_fingerprint, load_weights_strict, read_state_dict
 from ._encoder import Encoder
+from ._provenance import weights_provenance
 
 HUB_PREFIX = "hf-hub:"
 _HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -151,6 +152,7 @@ def timm_encoder(
         model = _create_model(architecture, seed=seed, model_kwargs=model_kwargs)
         description = f"random (seed {seed})"
         fingerprint = f"random:{architecture}:{seed}:{sorted(model_kwargs.items())}"
+        provenance = weights_provenance("random", seed=seed, architecture=architecture)
         logger.warning(
             "encoder %r uses RANDOM weights (seed %d): features carry no pretrained knowledge. Pass "
             "weights='<local checkpoint>' or a hub id for pretrained features.",
@@ -162,11 +164,14 @@ def timm_encoder(
         model = _create_with_weights(architecture, read_state_dict(path), origin=str(path), model_kwargs=model_kwargs)
         description = str(path)
         fingerprint = file_fingerprint(path)
+        provenance = weights_provenance("file", path=path)
         logger.info("encoder %r: loaded weights from %s", architecture, path)
-    return _wrap(model, name=name or architecture, weights=description, fingerprint=fingerprint)
+    return _wrap(model, name=name or architecture, weights=description, fingerprint=fingerprint, provenance=provenance)
 
 
-def _wrap(model: nn.Module, *, name: str, weights: str, fingerprint: str, **overrides: Any) -> Encoder:
+def _wrap(
+    model: nn.Module, *, name: str, weights: str, fingerprint: str, provenance: dict, **overrides: Any
+) -> Encoder:
     model.eval()
     config = _data_config(model, overrides.pop("pretrained_cfg", None))
     config.update({k: v for k, v in overrides.items() if v is not None})
@@ -177,6 +182,7 @@ def _wrap(model: nn.Module, *, name: str, weights: str, fingerprint: str, **over
         output_dim=output_dim,
         weights=weights,
         weights_fingerprint=fingerprint,
+        provenance=provenance,
         channels_last=True,
         **config,
     )
@@ -296,6 +302,7 @@ def hub_encoder(
         name=name or repo_id.split("/")[-1].lower(),
         weights=hub_id,
         fingerprint=f"hub:{repo_id}@{snapshot}",
+        provenance=weights_provenance("hub", hub_id=hub_id, revision=snapshot, path=weights_path),
         pretrained_cfg=hub_config.get("pretrained_cfg"),
     )
 

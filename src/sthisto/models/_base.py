@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._constants import Obs, Obsm
+from .._constants import Obs, Obsm, Uns
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from ..pp._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
@@ -35,6 +35,7 @@ _COMMON_DATA_DEFAULTS: dict[str, Any] = {
     "features_key": None,
     "encoder": None,
     "encoder_weights": None,
+    "encoder_kwargs": None,
     "extra_features": None,
     "patch_size_px": None,
     "patch_size_um": None,
@@ -160,6 +161,13 @@ class ExpressionModel:
         The :class:`torch.nn.Module`.
     history
         Per-epoch losses (``{"epoch": [...], "train_loss": [...], "val_loss": [...]}``).
+    provenance
+        Where the weights of the model's pretrained components came from, ``{component:
+        record}`` (records of :func:`sthisto.encoders.weights_provenance`): ``"features"`` for
+        feature-based methods (with the encoder and field of view), one entry per network
+        sub-module that loaded or lacked pretrained weights (HGGEF's ``"trunk"``). Empty when
+        nothing is pretrained; ``None`` when not recorded (models saved by older versions).
+        Stored in the manifest as ``weights_provenance``.
     """
 
     # --- registry metadata -------------------------------------------------------------
@@ -201,6 +209,7 @@ class ExpressionModel:
         self.extra: dict[str, Any] = {}
         """JSON-able state a method keeps beside its weights (e.g. coordinate frames)."""
         self.network = self.build_network()
+        self.provenance: dict[str, Any] | None = network_provenance(self.network)
 
     def build_network(self):
         """Create this model's network; methods without one (ridge) return ``None``."""
@@ -265,9 +274,40 @@ class ExpressionModel:
         if cls.uses_positions:
             network.setdefault("n_positions", data["n_positions"])
         if cls.input_kind == "features":
+            cached = cls.features_present(adata, data)
             data["features_key"] = cls.ensure_features(adata, data)
             data["features_dim"] = int(cls.feature_matrix(adata, data).shape[1])
-        return cls(genes, network_params=network, data_params=data, training_params=training)
+        model = cls(genes, network_params=network, data_params=data, training_params=training)
+        if cls.input_kind == "features":
+            from ..pp._embed import features_provenance
+
+            features = features_provenance(adata, data["features_key"])
+            model.provenance = {**(model.provenance or {}), "features": features}
+            if cached and features["weights"].get("source") == "random":
+                # pp.embed warns when it computes them; cached ones would otherwise pass silently
+                from ..encoders._provenance import warn_random_weights
+
+                warn_random_weights(
+                    f"method {cls.name!r}: the features in obsm[{data['features_key']!r}] (encoder "
+                    f"{features.get('encoder', '?')!r})",
+                    "Re-embed with pretrained weights (sthisto.pp.embed(..., weights='/path/to/checkpoint', "
+                    "overwrite=True)) or pass encoder_weights= with a new features_key.",
+                    stacklevel=4,
+                )
+        return model
+
+    @classmethod
+    def features_key(cls, data: Mapping[str, Any]) -> str | None:
+        """``obsm`` key of the features: ``features_key``, else ``f"X_{encoder}"``."""
+        encoder = data.get("encoder")
+        return data.get("features_key") or (f"X_{encoder}" if isinstance(encoder, str) else None)
+
+    @classmethod
+    def features_present(cls, adata, data: Mapping[str, Any]) -> bool:
+        """Whether the features (and the extras the method needs) are in ``obsm`` already."""
+        key = cls.features_key(data)
+        extras = tuple(data.get("extra_features") or ())
+        return key is not None and key in adata.obsm and (not extras or f"{key}_extra" in adata.obsm)
 
     @classmethod
     def ensure_features(cls, adata, data: Mapping[str, Any]) -> str:
@@ -275,12 +315,34 @@ class ExpressionModel:
 
         With ``encoder`` set (a name :func:`sthisto.encoders.get_encoder` accepts), missing
         features are computed with :func:`sthisto.pp.embed` and written to ``obsm`` (a new key;
-        reused by later calls). Without it, the features must already be there.
+        reused by later calls). Without it, the features must already be there. Features that
+        are present are used as given: when only their extras (``extra_features``) are
+        missing, those alone are computed into ``obsm[f"{key}_extra"]`` and ``obsm[key]`` is
+        left untouched. ``encoder_kwargs`` (a dict) goes to :func:`sthisto.encoders.get_encoder`
+        (e.g. ``revision=`` or ``cache_dir=`` for hub weights).
         """
         encoder = data.get("encoder")
         extras = tuple(data.get("extra_features") or ())
-        key = data.get("features_key") or (f"X_{encoder}" if isinstance(encoder, str) else None)
-        if key is not None and key in adata.obsm and (not extras or f"{key}_extra" in adata.obsm):
+        key = cls.features_key(data)
+        if cls.features_present(adata, data):
+            return key
+        if key is not None and key in adata.obsm:
+            from ..encoders._registry import HISTOSGE_PATCH_UM
+            from ..pp._embed import FUNCTION, embed_extras
+
+            made = adata.uns.get(Uns.STHISTO, {}).get(FUNCTION, {}).get(key, {})
+            # the extras describe the patch the encoder saw: its record's geometry when known
+            patch_um = made.get("patch_size_um") or data.get("patch_size_um") or HISTOSGE_PATCH_UM
+            image_key = made.get("image_key", data.get("image_key"))
+            logger.info("obsm[%r] is used as given; computing its extras %s into obsm[%r]", key, extras, f"{key}_extra")
+            embed_extras(
+                adata,
+                key,
+                extra_features=extras,
+                patch_size_um=float(patch_um),
+                patch_size_px=int(made.get("patch_size_px") or 224),
+                image_key=None if image_key in (None, "fullres") else str(image_key),
+            )
             return key
         if not isinstance(encoder, str):
             raise MissingKeyError(
@@ -299,10 +361,32 @@ class ExpressionModel:
             patch_size_um=data.get("patch_size_um"),
             image_key=data.get("image_key"),
             extra_features=extras,
+            encoder_kwargs=data.get("encoder_kwargs"),
             progress=False,
             overwrite=key in adata.obsm,
         )
         return key
+
+    def embedding_params(self, adata) -> dict[str, Any]:
+        """Data parameters for embedding spots that lack the features: the training features' encoder.
+
+        The encoder and weights the training features were made with (``provenance["features"]``)
+        take precedence over ``encoder`` / ``encoder_weights``, which may not describe them (a
+        model trained on cached features); see :func:`training_encoder`.
+        """
+        data = dict(self.data_params)
+        features = (self.provenance or {}).get("features")
+        key = data.get("features_key")
+        known = bool(features) and features.get("weights", {}).get("source") != "unknown"
+        if not known or (key is not None and key in adata.obsm) or not isinstance(features.get("encoder"), str):
+            return data
+        data["encoder"], data["encoder_weights"], pinned = training_encoder(features, key)
+        data["encoder_kwargs"] = {**(data.get("encoder_kwargs") or {}), **pinned}
+        if features.get("patch_size_um") is not None:
+            data["patch_size_um"] = float(features["patch_size_um"])
+        image_key = features.get("image_key")
+        data["image_key"] = None if image_key in (None, "fullres") else str(image_key)
+        return data
 
     @classmethod
     def feature_matrix(cls, adata, data: Mapping[str, Any], frames: Mapping | None = None) -> np.ndarray:
@@ -342,7 +426,7 @@ class ExpressionModel:
                     f"sections with array coordinates below that, or retrain with n_positions >= {high + 1}."
                 )
         if self.input_kind == "features":
-            self.ensure_features(adata, self.data_params)
+            self.ensure_features(adata, self.embedding_params(adata))
             dim = self.feature_matrix(adata, self.data_params, self.extra.get("frames")).shape[1]
             if dim != self.data_params.get("features_dim", dim):
                 raise InputError(
@@ -746,6 +830,7 @@ class ExpressionModel:
             "history": self.history,
             "trained_on": self.trained_on,
             "extra": self.extra,
+            "weights_provenance": self.provenance,
         }
 
     def state_tensors(self) -> dict[str, Any]:
@@ -769,6 +854,8 @@ class ExpressionModel:
         model.history = {k: list(v) for k, v in manifest.get("history", {}).items()}
         model.trained_on = dict(manifest.get("trained_on", {}))
         model.extra = dict(manifest.get("extra", {}))
+        stored = manifest.get("weights_provenance")
+        model.provenance = None if stored is None else dict(stored)
         return model
 
     def to_record(self) -> dict[str, Any]:
@@ -799,6 +886,64 @@ class ExpressionModel:
     def __repr__(self) -> str:
         epochs = len(self.history.get("epoch", []))
         return f"{type(self).__name__}(method={self.name!r}, genes={len(self.genes)}, epochs_trained={epochs})"
+
+
+def training_encoder(features: Mapping[str, Any], key) -> tuple[str, str | None, dict]:
+    """``(encoder, encoder_weights, encoder_kwargs)`` rebuilding the training features' encoder exactly.
+
+    ``features`` is a model's ``provenance["features"]`` record. A hub id stays a hub id (pinned
+    to its revision), a file must exist with the same SHA-256, a random encoder is rebuilt from
+    its seed; anything else raises, so new spots are never embedded by other weights.
+    """
+    from pathlib import Path
+
+    from ..encoders._provenance import file_sha256, provenance_label
+    from ..encoders._registry import _REGISTRY
+    from ..encoders._timm import is_timm_model
+
+    record_ = features["weights"]
+    source = record_.get("source")
+    encoder = str(features.get("encoder"))
+    if source == "hub":
+        revision = {"revision": str(record_["revision"])} if record_.get("revision") else {}
+        if encoder in _REGISTRY or is_timm_model(encoder):
+            return encoder, str(record_["hub_id"]), revision
+        return str(record_["hub_id"]), None, revision  # the hub id names the architecture itself
+    if source in ("file", "cache"):
+        path = Path(str(record_.get("path", "")))
+        if not path.is_file():
+            raise MissingKeyError(
+                f"the model was trained on features of encoder {encoder!r} with weights from {str(path)!r} "
+                f"(sha256 {str(record_.get('sha256', '?'))[:12]}), and that file no longer exists, so the new spots "
+                f"cannot be embedded like the measured ones. Put the file back at that path (or train again with "
+                f"encoder_weights='<its new path>'); sthisto never falls back to random weights."
+            )
+        if record_.get("sha256") and file_sha256(path) != record_["sha256"]:
+            raise InputError(
+                f"the weights file {str(path)!r} changed since the model's features were computed (sha256 "
+                f"{file_sha256(path)[:12]} now, {str(record_['sha256'])[:12]} then); restore the original file."
+            )
+        return encoder, str(path), {}
+    if source == "random":
+        return encoder, None, ({"seed": int(record_["seed"])} if "seed" in record_ else {})
+    if source == "none":
+        return encoder, None, {}
+    raise MissingKeyError(
+        f"the features in obsm[{key!r}] came from {provenance_label(record_)} (encoder {encoder!r}), which "
+        f"sthisto cannot rebuild to embed the new spots. Embed with a registered, timm or hub encoder and "
+        f"weights from a file (sthisto.pp.embed) before training."
+    )
+
+
+def network_provenance(network) -> dict[str, Any]:
+    """``{sub-module name: record}`` of the sub-modules that carry a ``weights_provenance`` record."""
+    if network is None or not hasattr(network, "named_modules"):
+        return {}
+    return {
+        name or "network": dict(module.weights_provenance)
+        for name, module in network.named_modules()
+        if isinstance(getattr(module, "weights_provenance", None), Mapping)
+    }
 
 
 def check_spots(adata) -> None:

@@ -826,6 +826,14 @@ class HGGEF(ExpressionModel):
             params.setdefault("patch_size_um", None)
         return super().configure(adata, genes=genes, train_index=train_index, params=params)
 
+    @classmethod
+    def from_manifest(cls, manifest):
+        """Rebuild without reading ImageNet weights: the stored tensors replace the trunk's anyway."""
+        params = dict(manifest.get("network_params") or {})
+        model = super().from_manifest({**manifest, "network_params": {**params, "backbone_weights": None}})
+        model.network_params = params
+        return model
+
     def masked_loss(self, outputs, batch):
         """Mask per-spot tensors, including the views' ``(V, N, ...)`` ones along the spot axis."""
         mask = batch.get("loss_mask")

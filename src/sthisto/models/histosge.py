@@ -282,7 +282,10 @@ class HisToSGE(ExpressionModel):
       and said so otherwise), on a 50 px crop at her2st's resolution (≈34.5 µm); the paper
       variant appends the spot's pixel coordinates (rescaled per section, the frame stored
       with the model) and the crop's RGB mean: 1029 values; the reference variant uses the
-      1024-d feature only.
+      1024-d feature only. Precomputed features (``features_key=``) are used as given: only
+      the coordinates and RGB means are computed, into ``obsm[f"{features_key}_extra"]``,
+      over the field of view of their ``pp.embed`` record (else ``patch_size_um=``, else
+      34.5 µm).
     - sequences: spots are split into chunks of ``chunk_size`` (50) in AnnData order
       (``chunk_mode="order"``, the authors') or spatially contiguous chunks
       (``chunk_mode="spatial"``); unequal chunks are padded and masked (the authors' code

@@ -145,7 +145,9 @@ def embed(
         float32 ``(n_obs, k)`` extras, when ``extra_features`` is not empty; column names in
         the record's ``extra_columns``.
     ``uns['sthisto']['embed'][key_added]``
-        The configuration: encoder name, weights source and fingerprint, output dim,
+        The configuration: encoder name, weights source, fingerprint and provenance record
+        (``weights_provenance``: ``source`` file / hub / cache / random / none / module with
+        path and SHA-256, hub id and revision, or seed), output dim,
         preprocessing (input size, mean, std, range), µm/px and crop side in pixels per
         library, patch size in µm and pixels, image key, precision, batch size, device,
         libraries, number of patches padded at image borders, timing.
@@ -180,6 +182,14 @@ def embed(
     coords = spot_coordinates(adata)
     selected = _select_libraries(adata, spot_libraries, libraries)
     encoder_obj = get_encoder(encoder, weights=weights, token=token, **dict(encoder_kwargs or {}))
+    if encoder_obj.provenance.get("source") == "random":
+        from ..encoders._provenance import warn_random_weights
+
+        warn_random_weights(
+            f"pp.embed: encoder {encoder_obj.name!r}",
+            "Pass weights='/path/to/checkpoint' (.safetensors / .pth / .bin) or a hub id 'hf-hub:<org>/<name>' "
+            "(with token= for gated models such as UNI) for pretrained features.",
+        )
     if patch_size_um is None:
         patch_size_um = encoder_obj.patch_size_um
         if patch_size_um is None:
@@ -291,12 +301,16 @@ def _run(dataset, encoder, *, coords, extras, batch_size, num_workers, precision
 
     features = np.full((n_obs, encoder.output_dim), np.nan, dtype=np.float32)
     extra_values = np.full((n_obs, _n_extra(extras)), np.nan, dtype=np.float32)
+    # Creating a loader's iterator draws a base seed; from a private generator it leaves the
+    # global torch stream alone, so a model created after an embedding (tl.train embeds while
+    # configuring) gets the same initial weights whether or not the features were cached.
     loader = DataLoader(
         _BatchedPatches(dataset, batch_size),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=encoder.device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),
     )
     show = progress if progress is not None else sys.stderr.isatty()
     results = _DeferredCopy(encoder.device)
@@ -453,6 +467,104 @@ def _equal(a, b) -> bool:
     return bool(np.array_equal(a_arr.astype(str), b_arr.astype(str)))
 
 
+def embed_extras(
+    adata,
+    key: str,
+    *,
+    extra_features: Sequence[str],
+    patch_size_um: float,
+    patch_size_px: int = 224,
+    image_key: str | None = None,
+    batch_size: int = 64,
+) -> None:
+    """Compute only the per-spot extras of ``obsm[key]`` into ``obsm[f"{key}_extra"]``.
+
+    For features computed elsewhere (or by :func:`embed` without extras): ``obsm[key]`` is
+    neither read nor touched. ``"rgb_mean"`` is taken over patches of ``patch_size_um`` µm
+    resampled to ``patch_size_px`` px, like the patches :func:`embed` feeds an encoder. The
+    record goes to ``uns['sthisto']['embed'][f"{key}_extra"]`` (``extra_columns``, geometry).
+    """
+    import torch
+
+    extras = _check_extras(extra_features)
+    target = extra_key(key)
+    check_writable(adata, "obsm", target, overwrite=False)
+    check_record_writable(adata, FUNCTION, target, overwrite=False)
+    spot_libraries = library_ids(adata)
+    coords = spot_coordinates(adata)
+    selected = _select_libraries(adata, spot_libraries, None)
+    indices = np.flatnonzero(np.isin(spot_libraries, selected))
+    spec = PatchSpec(size_px=int(patch_size_px), size_um=float(patch_size_um))
+    values = np.full((adata.n_obs, _n_extra(extras)), np.nan, dtype=np.float32)
+    rgb = np.full((adata.n_obs, 3), np.nan, dtype=np.float32)
+    if "rgb_mean" in extras:
+        dataset = PatchDataset(adata, spec=spec, image_key=image_key, indices=indices)
+        for start in range(0, len(indices), batch_size):
+            patches, _ = dataset.read_batch(range(start, min(start + batch_size, len(indices))))
+            with torch.inference_mode():
+                rgb[indices[start : start + len(patches)]] = patches.float().mean(dim=(2, 3)).numpy()
+    column = 0
+    for name in extras:
+        width = len(EXTRA_FEATURES[name])
+        values[indices, column : column + width] = coords[indices] if name == "coords" else rgb[indices]
+        column += width
+    write(adata, "obsm", target, values, overwrite=False)
+    record(
+        adata,
+        FUNCTION,
+        target,
+        {
+            "features_key": key,
+            "extra_features": list(extras),
+            "extra_columns": [c for name in extras for c in EXTRA_FEATURES[name]],
+            "patch_size_um": float(patch_size_um),
+            "patch_size_px": int(patch_size_px),
+            "image_key": "fullres" if image_key is None else str(image_key),
+            "libraries": sorted(selected),
+        },
+    )
+
+
+def features_provenance(adata, key: str) -> dict[str, Any]:
+    """How ``obsm[key]`` was made, for a model's manifest: encoder, field of view and weights record.
+
+    Parameters
+    ----------
+    adata
+        AnnData holding the features.
+    key
+        Their ``obsm`` key.
+
+    Returns
+    -------
+    ``{"key", "encoder", "patch_size_um", "image_key", "weights": <provenance record>}`` from the
+    :func:`embed` record; features without a record (computed outside sthisto) give
+    ``{"key": key, "weights": {"source": "unknown"}}``.
+    """
+    from ..encoders._provenance import provenance_from_text
+
+    made = adata.uns.get(Uns.STHISTO, {}).get(FUNCTION, {}).get(key)
+    if made is None:
+        return {"key": str(key), "weights": {"source": "unknown"}}
+    weights = made.get("weights_provenance")
+    if not isinstance(weights, Mapping) or not weights:
+        weights = provenance_from_text(made.get("weights"), made.get("weights_fingerprint"))
+    out = {"key": str(key), "weights": _plain(weights)}
+    for field in ("encoder", "patch_size_um", "image_key"):
+        if made.get(field) is not None:
+            out[field] = _plain(made[field])
+    return out
+
+
+def _plain(value):
+    """Values read back from ``uns`` (NumPy scalars after an h5ad round trip) as JSON-able Python."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def histosge_features(adata, key: str = "X_uni", *, frame: Mapping[str, Sequence[float]] | None = None) -> np.ndarray:
     """HisToSGE's paper descriptor: the embedding with the spot's coordinates and RGB mean appended.
 
@@ -480,8 +592,10 @@ def histosge_features(adata, key: str = "X_uni", *, frame: Mapping[str, Sequence
 
     if key not in adata.obsm:
         raise MissingKeyError(f"adata.obsm[{key!r}] is missing; run sthisto.pp.embed(adata, ..., key_added={key!r}).")
-    record_ = adata.uns.get(Uns.STHISTO, {}).get(FUNCTION, {}).get(key, {})
-    columns = [str(c) for c in np.atleast_1d(record_.get("extra_columns", []))]
+    records = adata.uns.get(Uns.STHISTO, {}).get(FUNCTION, {})
+    columns = [str(c) for c in np.atleast_1d(records.get(key, {}).get("extra_columns", []))]
+    if not columns:  # extras computed on their own, beside features made elsewhere (embed_extras)
+        columns = [str(c) for c in np.atleast_1d(records.get(extra_key(key), {}).get("extra_columns", []))]
     needed = [*EXTRA_FEATURES["coords"], *EXTRA_FEATURES["rgb_mean"]]
     if extra_key(key) not in adata.obsm or not set(needed) <= set(columns):
         raise MissingKeyError(

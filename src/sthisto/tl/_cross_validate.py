@@ -20,6 +20,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -248,7 +249,7 @@ def _fold_genes(adata, rule, fold: Fold) -> list[str]:
 
 # --- fitting one fold (in-process or in a worker) ---------------------------------------------------
 def _fit_task(adata, task: _Task) -> dict:
-    from ._train import train
+    from ._train import train, weights_fields
 
     mask = np.zeros(adata.n_obs, dtype=bool)
     mask[task.train] = True
@@ -279,6 +280,7 @@ def _fit_task(adata, task: _Task) -> dict:
         "trained_on": json.dumps(model.trained_on, default=str),
         "record": model_record,
         "device": str(task.device),
+        **weights_fields(model),
     }
 
 
@@ -302,14 +304,21 @@ def _worker_fit(task: _Task) -> dict:
 def _run_tasks(adata, tasks: list[_Task], *, n_jobs: int, devices: list | None, progress: bool) -> list[dict]:
     from tqdm.auto import tqdm
 
+    from ..encoders._provenance import RandomWeightsWarning
+
     bar = tqdm(total=len(tasks), desc="cross-validation folds", disable=not progress, unit="fold")
     results: list[dict] = []
     try:
         if n_jobs == 1:
+            warned: set[str] = set()
             for task in tasks:
                 logger.info("cross_validate: %s, fold %r (%d train / %d test spots)", task.method_name,
                             task.fold, len(task.train), len(task.test))  # fmt: skip
-                results.append(_fit_task(adata, task))
+                with warnings.catch_warnings():
+                    if task.method_name in warned:  # later folds would repeat the first one's warning
+                        warnings.simplefilter("ignore", RandomWeightsWarning)
+                    results.append(_fit_task(adata, task))
+                warned.add(task.method_name)
                 bar.update()
             return results
         context = multiprocessing.get_context("spawn")  # fork is unsafe with torch threads and CUDA
@@ -429,7 +438,10 @@ def cross_validate(
     The tidy metrics table: columns ``method``, ``predicted`` (the layer key), ``split``,
     ``evaluated_on`` (``"held_out"``; with ``split="spots"`` also ``"training_reference"``
     rows scoring the models on their own training spots, a reference figure only),
-    ``group``, ``scope``, ``metric``, ``value``, ``genes`` (see :func:`sthisto.tl.evaluate`).
+    ``weights`` and ``random_weights`` (where the weights of the folds' pretrained components
+    came from: ``random``, ``file:<sha256[:12]>``, ``hub:<id>@<revision>``, ``none`` when
+    nothing is pretrained; see :func:`sthisto.encoders.weights_label`), ``group``, ``scope``,
+    ``metric``, ``value``, ``genes`` (see :func:`sthisto.tl.evaluate`).
 
     Writes, for each method key ``k`` (``key_added`` for one method):
 
@@ -444,7 +456,9 @@ def cross_validate(
       on every spot, test folds included, which also logs a warning), ``gene_selection_note``
       (what was selected how, empty otherwise), ``genes_rule``, ``genes`` (union), ``folds``
       (per fold: ``test`` units, spot counts, ``genes``, ``target``, ``target_layer``,
-      ``seed``, ``device``, ``trained_on``, ``history`` as JSON), ``models`` (per fold: ``model.to_record()``, or the manifest only),
+      ``seed``, ``device``, ``trained_on``, ``history`` as JSON, ``weights``,
+      ``random_weights``, ``weights_provenance`` as JSON), ``weights`` / ``random_weights``
+      over the folds, ``models`` (per fold: ``model.to_record()``, or the manifest only),
       ``table`` (this method's rows);
     - ``uns['sthisto']['evaluate'][k]``: the :func:`sthisto.tl.evaluate` result.
     - With a list: ``uns['sthisto']['cross_validate'][key_added]`` holds ``methods``,
@@ -591,6 +605,9 @@ def cross_validate(
                 "device": result["device"],
                 "trained_on": result["trained_on"],
                 "history": result["history"],
+                "weights": result["weights"],
+                "random_weights": bool(result["random_weights"]),
+                "weights_provenance": result["weights_provenance"],
             }
         record(
             adata,
@@ -613,6 +630,9 @@ def cross_validate(
                 "n_jobs": int(n_jobs),
                 "devices": [str(d) for d in devices] if devices else "None",
                 "folds": fold_info,
+                # folds share a label unless their weights differ (e.g. a file changed between them)
+                "weights": " | ".join(dict.fromkeys(r["weights"] for _, r in method_results)),
+                "random_weights": any(bool(r["random_weights"]) for _, r in method_results),
             },
             overwrite=overwrite,
         )
@@ -661,6 +681,7 @@ def _aligned_layer(block: np.ndarray, columns: np.ndarray, n_vars: int):
 
 def _reference_table(adata, key: str, method_results, layer, group_metrics, metric_frames) -> pd.DataFrame:
     """Scores of each spots-split model on its own training spots (a labelled reference figure)."""
+    from ..encoders._provenance import with_weights_columns
     from ._train import _targets
 
     groups = []
@@ -676,7 +697,10 @@ def _reference_table(adata, key: str, method_results, layer, group_metrics, metr
     table, _ = metric_frames(groups)
     table.insert(0, "predicted", key)
     table.insert(1, "evaluated_on", "training_reference")
-    return table
+    entry = sthisto_uns(adata)[_FUNCTION][key]
+    return with_weights_columns(
+        table, str(entry["weights"]), random=bool(entry["random_weights"]), after="evaluated_on"
+    )
 
 
 def _describe_rule(genes, gene_selection: str) -> str:

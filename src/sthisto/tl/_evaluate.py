@@ -21,6 +21,7 @@ from .._anndata import check_record_writable, maybe_copy, record, sthisto_uns
 from .._constants import Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from ..encoders._provenance import with_weights_columns
 
 _FUNCTION = "evaluate"
 _CROSS_VALIDATE = "cross_validate"
@@ -708,7 +709,12 @@ def evaluate(
     ``"overall"``), ``metric``, ``value``, ``genes`` (which genes the value covers: ``"all
     <n>"``, or for a per-gene mean whose value is undefined for some genes ``"<k> of <n>;
     left out: <names>"``, so Pearson's and SSIM's means never silently cover different
-    genes; empty for counts). Pivot it with
+    genes; empty for counts), and ``weights`` / ``random_weights`` right after
+    ``predicted``: where the weights of the model's pretrained components came from
+    (``random``, ``file:<sha256[:12]>``, ``cache:<sha256[:12]>``, ``hub:<id>@<revision>``,
+    ``none`` when nothing is pretrained, ``unknown`` without a predict / cross-validate
+    record; see :func:`sthisto.encoders.weights_label`), so scores of random weights say so.
+    Pivot it with
     ``table.pivot(index="group", columns="metric", values="value")``. With ``copy=True``: the
     modified copy (read the table back with :func:`sthisto.tl.get_metrics`).
 
@@ -864,6 +870,9 @@ def evaluate(
         raise InputError(f"layers[{predicted!r}] holds no prediction (all NaN) for any spot; nothing to evaluate.")
     table, per_gene_table = metric_frames(results)
     table.insert(0, "predicted", predicted)
+    weights, random_weights = _weights_of(entry)
+    with_weights_columns(table, weights, random=random_weights)
+    with_weights_columns(per_gene_table, weights, random=random_weights, after="gene")
 
     protocol = _protocol(function, entry, [g for g, _, _ in results])
     adata = maybe_copy(adata, copy)
@@ -890,6 +899,8 @@ def evaluate(
                 **cluster_params,
             },
             "seed": int(seed),
+            "weights": weights,
+            "random_weights": random_weights,
         },
         overwrite=overwrite,
     )
@@ -927,6 +938,13 @@ def gene_coverage(groups: Sequence[tuple[str, dict[str, float], pd.DataFrame]]) 
                 }
             )
     return pd.DataFrame(rows, columns=["group", "value", "n_covered", "n_evaluated", "left_out", "same_as_pearson"])
+
+
+def _weights_of(entry: dict | None) -> tuple[str, bool]:
+    """Weights label and random flag of the model(s) behind the predictions (``unknown`` without a record)."""
+    if entry is None or _record_value(entry.get("weights")) is None:
+        return "unknown", False
+    return str(_record_value(entry["weights"])), bool(_record_value(entry.get("random_weights"), False))
 
 
 def _target_text(entry: dict) -> str:

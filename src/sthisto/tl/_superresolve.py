@@ -490,8 +490,11 @@ def _prepare_model(adata, fitted, libraries, coords, libraries_of_spot):
 
     - HisToSGE-style coordinate frames: libraries the model was not trained on get the frame
       of their *measured* spots, so new spots are scaled like them (not like themselves).
-    - Feature-based models trained on precomputed features (no ``encoder`` stored): the
-      encoder recorded by :func:`sthisto.pp.embed` for that ``obsm`` key embeds the new spots.
+    - Feature-based models: the new spots are embedded by the encoder the training features
+      came from, with exactly its weights — the model's recorded feature provenance, else the
+      :func:`sthisto.pp.embed` record of its ``obsm`` key. A hub id stays a hub id (pinned to
+      the recorded revision), a weights file must still exist with the same SHA-256, a
+      random encoder is rebuilt from its seed; anything else is a clear error.
     """
     saved_extra = dict(fitted.extra)
     saved_data = dict(fitted.data_params)
@@ -506,23 +509,34 @@ def _prepare_model(adata, fitted, libraries, coords, libraries_of_spot):
                 **fitted.extra,
                 "frames": {**frames, **coordinate_frame(coords[rows], libraries_of_spot[rows])},
             }
-    if fitted.input_kind == "features" and not isinstance(fitted.data_params.get("encoder"), str):
+    if fitted.input_kind == "features":
         key = fitted.data_params.get("features_key")
-        made = adata.uns.get(Uns.STHISTO, {}).get("embed", {}).get(key)
-        if made is None or not isinstance(made.get("encoder"), str):
+        features = (fitted.provenance or {}).get("features")
+        if not features or features.get("weights", {}).get("source") == "unknown":
+            from ..pp._embed import features_provenance
+
+            features = features_provenance(adata, key)
+        known = features.get("weights", {}).get("source") != "unknown" and isinstance(features.get("encoder"), str)
+        if known:
+            from ..models._base import training_encoder
+
+            encoder, weights, encoder_kwargs = training_encoder(features, key)
+            fitted.data_params["encoder"] = encoder
+            fitted.data_params["encoder_weights"] = weights
+            fitted.data_params["encoder_kwargs"] = {
+                **(fitted.data_params.get("encoder_kwargs") or {}),
+                **encoder_kwargs,
+            }
+            if features.get("patch_size_um") is not None:
+                fitted.data_params["patch_size_um"] = float(features["patch_size_um"])
+            image_key = features.get("image_key")
+            fitted.data_params["image_key"] = None if image_key in (None, Images.FULLRES) else str(image_key)
+        elif not isinstance(fitted.data_params.get("encoder"), str):
             raise MissingKeyError(
                 f"the model reads features from obsm[{key!r}] but records no encoder, and adata has no "
                 f"sthisto.pp.embed record for that key: the new spots cannot be embedded. Train with encoder='<name>' "
                 f"(features are then computed for new spots automatically)."
             )
-        weights = made.get("weights")
-        from pathlib import Path
-
-        fitted.data_params["encoder"] = str(made["encoder"])
-        fitted.data_params["encoder_weights"] = weights if isinstance(weights, str) and Path(weights).exists() else None
-        fitted.data_params["patch_size_um"] = float(made["patch_size_um"])
-        image_key = made.get("image_key")
-        fitted.data_params["image_key"] = None if image_key in (None, Images.FULLRES) else str(image_key)
 
     def restore() -> None:
         fitted.extra = saved_extra

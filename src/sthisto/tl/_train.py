@@ -412,7 +412,9 @@ def predict(
       ``var``, else a sparse CSR matrix holding only the predicted genes' columns;
     - ``adata.var[f"{key_added}_predicted"]``: True for the genes the model predicts;
     - ``adata.uns['sthisto']['predict'][key_added]``: method, model genes, provenance
-      (including ``streaming``: how sections were cut into units).
+      (including ``streaming``: how sections were cut into units, and ``weights`` /
+      ``random_weights`` / ``weights_provenance``: where the weights of the model's pretrained
+      components came from, see :func:`sthisto.encoders.weights_label`).
 
     Otherwise (image-only data, or none of the model's genes measured): a **new** AnnData with
     the spots of ``adata`` (``obs``, ``obsm``, ``uns['spatial']`` shared), ``var`` = the
@@ -439,6 +441,18 @@ class _PredictionRequest:
         self.provenance = provenance
 
 
+def weights_fields(fitted) -> dict[str, Any]:
+    """The model's weight provenance as record fields: ``weights`` (label), ``random_weights``, full record."""
+    from ..encoders._provenance import has_random_weights, weights_label
+
+    provenance = getattr(fitted, "provenance", None)
+    return {
+        "weights": weights_label(provenance),
+        "random_weights": has_random_weights(provenance),
+        "weights_provenance": json.dumps(provenance),
+    }
+
+
 def _prediction_request(adata, fitted, stored_key, *, key_added, overwrite) -> _PredictionRequest:
     key_added = key_added or stored_key or fitted.name
     var_names = pd.Index(adata.var_names.astype(str))
@@ -452,6 +466,7 @@ def _prediction_request(adata, fitted, stored_key, *, key_added, overwrite) -> _
         "target_layer": fitted.data_params.get("target_layer"),
         "trained_on": json.dumps(fitted.trained_on),
         "libraries": sorted(set(library_ids(adata))) if Obs.LIBRARY_ID in adata.obs else [],
+        **weights_fields(fitted),
     }
     if aligned:
         check_writable(adata, "layers", key_added, overwrite=overwrite)

@@ -145,30 +145,38 @@ def build_shufflenet_trunk(weights: str | os.PathLike | None = "auto") -> Shuffl
     ----------
     weights
         ``"auto"``: torchvision's cached ImageNet checkpoint when present (see
-        :func:`cached_imagenet_weights`), otherwise random weights and a logged warning.
-        A path: load that file (an error if it is missing or incompatible). ``None``: random
-        weights, silently (an explicit choice).
+        :func:`cached_imagenet_weights`), otherwise random weights and a
+        :class:`~sthisto.encoders.RandomWeightsWarning`. A path: load that file (an error if it
+        is missing or incompatible). ``None``: random weights, silently (an explicit choice).
 
     Returns
     -------
-    The trunk; its ``weights_source`` attribute names the file loaded, or is ``None``.
+    The trunk; its ``weights_source`` attribute names the file loaded, or is ``None``, and its
+    ``weights_provenance`` is the record (:func:`sthisto.encoders.weights_provenance`) models
+    store in their manifest: ``cache`` / ``file`` with path and SHA-256, or ``random``.
     """
+    from ...encoders._provenance import warn_random_weights, weights_provenance
+
     trunk = ShuffleNetTrunk()
     trunk.weights_source = None
+    trunk.weights_provenance = weights_provenance("random", architecture="shufflenet_v2_x0_5")
     if weights is None:
         return trunk
+    source = "file"
     if isinstance(weights, str) and weights == "auto":
         cached = cached_imagenet_weights()
         if cached is None:
-            logger.warning(
-                "HGGEF backbone: no ImageNet weights for shufflenet_v2_x0_5 were found in %s, so the backbone "
-                "starts from random weights (the paper starts from ImageNet). To use them, pass "
-                "backbone_weights='/path/to/shufflenetv2_x0.5-f707e7126e.pth' or place that file (torchvision's "
-                "checkpoint) in that folder; sthisto never downloads. Pass backbone_weights=None to silence this.",
-                Path(torch.hub.get_dir()) / "checkpoints",
+            warn_random_weights(
+                "HGGEF's ShuffleNet V2 x0.5 backbone",
+                f"No ImageNet weights for shufflenet_v2_x0_5 were found in {Path(torch.hub.get_dir()) / 'checkpoints'}; "
+                "pass backbone_weights='/path/to/shufflenetv2_x0.5-f707e7126e.pth' (torchvision's checkpoint) or "
+                "place that file in that folder (sthisto never downloads). backbone_weights=None chooses random "
+                "weights explicitly and silences this.",
+                stacklevel=4,
             )
             return trunk
-        weights = cached
+        weights, source = cached, "cache"
     trunk.weights_source = str(load_trunk_weights(trunk, weights))
+    trunk.weights_provenance = weights_provenance(source, path=trunk.weights_source)
     logger.info("HGGEF backbone: loaded shufflenet_v2_x0_5 weights from %s", trunk.weights_source)
     return trunk
