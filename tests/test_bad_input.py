@@ -558,7 +558,7 @@ CASES = [
         lambda a: _set_image(a, _float_image(a, scale=1.0)),
         _embed,
         InputError,
-        r"values up to 2\d\d.*0–1.*astype\(np.uint8\)",
+        r"values from \d+ to 2\d\d, outside \[0, 1\].*astype\(np.uint8\)",
     ),
     # --- spots and sections ------------------------------------------------------------------------
     Case(

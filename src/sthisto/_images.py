@@ -73,18 +73,29 @@ FLOAT_RANGE_TOLERANCE = 1e-3
 
 
 def check_float_pixels(values: np.ndarray, *, what: str = "image") -> None:
-    """Refuse float pixels that are NaN/infinite or on a 0–255 scale (sthisto reads floats as 0–1)."""
-    finite = np.isfinite(values)
-    if not finite.all():
+    """Refuse float pixels that are NaN/infinite or outside [0, 1] (e.g. a 0–255 image stored as float)."""
+    if values.size == 0:
+        return
+    # Row blocks keep the temporary masks small on a whole-slide float array.
+    step = max(1, (1 << 24) // max(1, values[0].size))
+    not_finite, low, high = 0, np.inf, -np.inf
+    for start in range(0, len(values), step):
+        block = values[start : start + step]
+        finite = np.isfinite(block)
+        not_finite += int(block.size - np.count_nonzero(finite))
+        if finite.any():
+            kept = block[finite]
+            low, high = min(low, float(kept.min())), max(high, float(kept.max()))
+    if not_finite:
         raise InputError(
-            f"{what} has {int((~finite).sum())} NaN or infinite pixel values; features cut from them would be "
+            f"{what} has {not_finite} NaN or infinite pixel values; features cut from them would be "
             f"garbage. Fill or mask them (e.g. np.nan_to_num(img, nan=1.0) for white) before calling sthisto."
         )
-    if values.size and float(values.max()) > 1.0 + FLOAT_RANGE_TOLERANCE:
+    if high > 1.0 + FLOAT_RANGE_TOLERANCE or low < -FLOAT_RANGE_TOLERANCE:
         raise InputError(
-            f"{what} is a float image with values up to {float(values.max()):.4g}, but float images are read "
-            f"as 0–1 (scanpy's convention). Convert a 0–255 image to uint8 first: img.astype(np.uint8), or "
-            f"scale it: img / 255."
+            f"{what} is a float image with values from {low:.4g} to {high:.4g}, outside [0, 1]: float images "
+            f"are read as 0–1 (scanpy's convention). Convert a 0–255 image to uint8 first: img.astype(np.uint8), "
+            f"or scale it: img / 255."
         )
 
 

@@ -800,7 +800,9 @@ class ExpressionModel:
         path
             Target folder (created).
         overwrite
-            Replace an existing saved model in that folder.
+            Replace an existing saved model in that folder. A folder holding anything else (files
+            other than ``manifest.json`` and ``weights.safetensors``, or a manifest sthisto did not
+            write) is refused, never emptied.
 
         Returns
         -------

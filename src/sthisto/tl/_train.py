@@ -301,16 +301,16 @@ def train(
 
 
 def _check_section_sizes(adata, cls, train_index: np.ndarray) -> None:
-    """Section-batched networks normalise over a section's spots: one spot alone cannot be trained."""
+    """Section-batched networks take statistics across a section's spots: one spot alone cannot train."""
     if cls.network_class is None or cls.batching != "section":
         return
     libraries, counts = np.unique(library_ids(adata)[train_index], return_counts=True)
     alone = libraries[counts < 2].tolist()
     if alone:
         raise InputError(
-            f"training sections {alone} have a single spot; {cls.name!r} trains on whole sections and "
-            f"normalises over their spots, which needs at least 2. Drop those sections from train_mask "
-            f"or add their other spots."
+            f"training sections {alone} have a single spot; {cls.name!r} trains on whole sections (attention "
+            f"and batch statistics across their spots), which needs at least 2. Drop those sections from "
+            f"train_mask or add their other spots."
         )
 
 
@@ -424,7 +424,8 @@ def predict(
     overwrite
         Replace existing outputs with the same key.
     copy
-        Return a modified copy instead of writing in place.
+        Return a modified copy instead of writing in place; image features a feature-based
+        model computes also go to the copy only, so ``adata`` is left exactly as it was.
 
     Returns
     -------
