@@ -734,6 +734,117 @@ CASES = [
     Case(
         "embedding an unknown library", lambda a: a, lambda a: _embed(a, libraries=["NOPE"]), MissingKeyError, r"NOPE"
     ),
+    # --- further hostile options (each names the problem and the fix) -------------------------------
+    Case(
+        "genes given as a number",
+        lambda a: a,
+        lambda a: _train(a, genes=3),
+        InputError,
+        r"genes=3 is a int; pass a list",
+    ),
+    Case(
+        "seed given as a string", lambda a: a, lambda a: _train(a, seed="a"), InputError, r"seed='a' must be an integer"
+    ),
+    Case("no genes at all", lambda a: a[:, :0].copy(), lambda a: _train(a), InputError, r"no genes selected"),
+    Case("no spots at all", lambda a: a[:0].copy(), lambda a: _train(a), InputError, r"only 0 training spots"),
+    Case(
+        "validation section outside the training data",
+        lambda a: a,
+        lambda a: _train(a, validation=["NOPE"]),
+        InputError,
+        r"validation libraries \['NOPE'\] are not among the training spots",
+    ),
+    Case(
+        "infinite counts",
+        lambda a: _set(a, lambda a: setattr(a, "X", _with_value(a.X, np.inf))),
+        lambda a: _train(a),
+        InputError,
+        r"NaN or infinite values",
+    ),
+    Case(
+        "prediction flag column already present",
+        lambda a: _set(a, lambda a: a.var.__setitem__("new_predicted", True)),
+        lambda a: _predict(a),
+        KeyExistsError,
+        r"var\['new_predicted'\] already exists.*overwrite=True",
+    ),
+    Case(
+        "unknown encoder",
+        lambda a: a,
+        lambda a: sthisto.pp.embed(a, encoder="not_an_encoder_xyz", key_added="X_new"),
+        InputError,
+        r"unknown encoder 'not_an_encoder_xyz'",
+    ),
+    Case(
+        "µm/px given as a boolean",
+        _set_scalefactor("microns_per_pixel", True),
+        _embed,
+        InputError,
+        r"microns_per_pixel.*is a bool",
+    ),
+    Case(
+        "channels-first image",
+        lambda a: _set_image(a, np.moveaxis(_fullres(a), -1, 0)),
+        _embed,
+        InputError,
+        r"transpose it",
+    ),
+    Case(
+        "graph with zero neighbours",
+        lambda a: a,
+        lambda a: sthisto.pp.spatial_graph(a, n_neighbors=0, key_added="g_new"),
+        InputError,
+        r"n_neighbors=0 must be a positive integer",
+    ),
+    Case(
+        "unknown normalisation",
+        lambda a: a,
+        lambda a: sthisto.pp.normalize(a, variant="bogus", key_added="t_new"),
+        InputError,
+        r"unknown variant='bogus'; use one of",
+    ),
+    Case(
+        "zero genes to select",
+        lambda a: a,
+        lambda a: sthisto.pp.select_genes(a, n_top_genes=0, key_added="s_new"),
+        InputError,
+        r"n_top_genes=0 must be a positive integer",
+    ),
+    Case(
+        "unknown stain method",
+        lambda a: a,
+        lambda a: sthisto.pp.stain_normalize(a, method="bogus", key_added="st_new"),
+        InputError,
+        r"unknown method='bogus'; use one of",
+    ),
+    Case(
+        "negative tile spacing",
+        lambda a: a,
+        lambda a: sthisto.pp.tile(a, spacing_um=-1, key_added="tile_new"),
+        InputError,
+        r"spacing_um=-1 must be a positive number",
+    ),
+    Case(
+        "evaluating a missing layer",
+        lambda a: a,
+        lambda a: sthisto.tl.evaluate(a, predicted="nope"),
+        MissingKeyError,
+        r"layers\['nope'\] is missing.*sthisto.tl.predict",
+    ),
+    Case(
+        "unknown cross-validation split",
+        lambda a: a,
+        lambda a: sthisto.tl.cross_validate(a, "ridge_tiny", split="bogus"),
+        InputError,
+        r"unknown split='bogus'",
+    ),
+    Case(
+        "super-resolution factor 0",
+        lambda a: a,
+        lambda a: sthisto.tl.superresolve(a, "fitted", factor=0),
+        InputError,
+        r"factor=0; use 4 .* or 8",
+    ),
 ]
 
 

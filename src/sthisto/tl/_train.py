@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,11 @@ def _resolve_genes(adata, genes) -> list[str]:
             )
         chosen = var_names[adata.var[genes].to_numpy(dtype=bool)].tolist()
     else:
+        if not isinstance(genes, Iterable):
+            raise InputError(
+                f"genes={genes!r} is a {type(genes).__name__}; pass a list of gene names, the name of a boolean "
+                f"var column, or None for all (or the selected) genes."
+            )
         chosen = [str(g) for g in genes]
         missing = [g for g in chosen if g not in set(var_names)]
         if missing:
@@ -245,6 +250,8 @@ def train(
 
     cls, variant_params = resolve_method(method)
     max_epochs = check_max_epochs(max_epochs)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed={seed!r} must be an integer (it seeds weights, data order and the validation split).")
     key_added = key_added or (method if isinstance(method, str) else cls.name)
     if store and not overwrite and key_added in adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {}):
         raise InputError(
