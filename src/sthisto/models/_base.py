@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._constants import Obs, Obsm
+from .._constants import Obs, Obsm, Uns
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._validate import check_grid_extent
@@ -264,15 +264,15 @@ class ExpressionModel:
             paper = cls.network_default("n_positions", 64)
             data["n_positions"] = max(int(paper), int(positions.max()) + 1 if len(positions) else 1)
             check_grid_extent(
-                data["n_positions"] - 1,
+                data["n_positions"],
                 where=f"method {cls.name!r} on grid positions up to {data['n_positions'] - 1:,}",
                 fix="obs['array_row'] / obs['array_col'] must be grid indices from 0: shift them with "
                 "adata.obs['array_row'] -= adata.obs['array_row'].min() (same for array_col).",
             )
-        if cls.uses_positions:
+        elif cls.uses_positions:
             check_grid_extent(
                 int(data["n_positions"]),
-                where=f"n_positions={data['n_positions']!r}",
+                where=f"method {cls.name!r} with n_positions={data['n_positions']!r}",
                 fix="Pass a smaller n_positions (grid positions per axis), or leave it None to fit the data.",
             )
         if cls.uses_positions:
@@ -837,7 +837,7 @@ def check_features_current(adata, key: str) -> None:
     """
     from ..pp._embed import FUNCTION, _spots_fingerprint, spot_names_fingerprint
 
-    entry = adata.uns.get("sthisto", {}).get(FUNCTION, {}).get(key)
+    entry = adata.uns.get(Uns.STHISTO, {}).get(FUNCTION, {}).get(key)
     if not isinstance(entry, Mapping) or "spots_names_fingerprint" not in entry or "spots_fingerprint" not in entry:
         return
     libraries = library_ids(adata)
