@@ -65,13 +65,63 @@ def read_input(path: str | Path):
     return from_spatialdata(spatialdata.read_zarr(path))
 
 
+def check_output(path: str | Path | None, *, overwrite: bool, suffixes: Sequence[str] = (".h5ad", ".zarr")) -> None:
+    """Refuse an output path before any work is done: wrong suffix, or existing without ``--overwrite``."""
+    if path is None:
+        return
+    path = Path(path)
+    if suffixes and path.suffix not in suffixes:
+        raise UsageError(f"output {str(path)!r} must end in {' or '.join(suffixes)}.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output {str(path)!r} exists; pass --overwrite to replace it or choose another path.")
+    if path.exists() and path.suffix == ".zarr" and not any((path / name).exists() for name in _ZARR_MARKERS):
+        # Replacing a .zarr output removes the folder: only ever one that is a zarr store.
+        raise FileExistsError(
+            f"output {str(path)!r} exists and is not a zarr store; refusing to replace it so that none of its "
+            f"files are lost. Choose another path."
+        )
+
+
+_ZARR_MARKERS = (".zgroup", ".zattrs", "zarr.json")
+
+
+def check_model_folder(path: str | Path | None, *, overwrite: bool) -> None:
+    """Refuse a ``--save-model`` folder before training: non-empty without ``--overwrite``, or not a saved model."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--save-model {str(path)!r} is a file; give a folder for the saved model.")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"--save-model folder {str(path)!r} is not empty; pass --overwrite to replace a saved model there, "
+                f"or choose another folder."
+            )
+        from .io._model import check_replaceable
+
+        check_replaceable(path)
+
+
+def merge_params(explicit: dict[str, Any], defaults: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments from the command's own options and ``--param`` items, each named once.
+
+    A ``--param`` naming an argument the command also has as an option (``max_epochs``, ``seed``,
+    ...) fills it when that option was left at its default; giving both is a usage error.
+    """
+    merged = dict(explicit)
+    for key, value in params.items():
+        if key in merged and key in defaults and merged[key] != defaults[key]:
+            option = "--" + key.replace("_", "-")
+            raise UsageError(f"{key} is given twice (--param {key}=... and {option}); give it once.")
+        merged[key] = value
+    return merged
+
+
 def write_output(adata, path: str | Path, *, overwrite: bool) -> Path:
     """Write ``adata`` to ``.h5ad`` (or a SpatialData ``.zarr`` via :func:`sthisto.io.to_spatialdata`)."""
     path = Path(path)
-    if path.suffix not in (".h5ad", ".zarr"):
-        raise UsageError(f"output {str(path)!r} must end in .h5ad or .zarr.")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output {str(path)!r} exists; pass --overwrite to replace it or choose another path.")
+    check_output(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".h5ad":
         adata.write_h5ad(path)
@@ -194,25 +244,26 @@ def cmd_train(args, progress: _Progress) -> int:
         raise UsageError(
             "nothing would be kept: pass -o/--output (AnnData with the stored model) and/or --save-model DIR."
         )
-    params = parse_params(args.param)
+    check_output(args.output, overwrite=args.overwrite)
+    check_model_folder(args.save_model, overwrite=args.overwrite)
+    options = {
+        "genes": _genes(args),
+        "layer": args.layer,
+        "train_mask": _names(args.train_libraries),
+        "key_added": args.key_added,
+        "max_epochs": args.max_epochs,
+        "device": args.device,
+        "seed": args.seed,
+        "validation": _validation(args.validation),
+    }
+    defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0}
+    kwargs = merge_params(options, defaults, parse_params(args.param))
+    kwargs.setdefault("progress_bar", not args.quiet and sys.stderr.isatty())
+    kwargs["overwrite"] = args.overwrite
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     progress(f"training {args.method} on {adata.n_obs} spots")
-    model = tl.train(
-        adata,
-        args.method,
-        genes=_genes(args),
-        layer=args.layer,
-        train_mask=_names(args.train_libraries),
-        key_added=args.key_added,
-        max_epochs=args.max_epochs,
-        device=args.device,
-        seed=args.seed,
-        validation=_validation(args.validation),
-        progress_bar=not args.quiet and sys.stderr.isatty(),
-        overwrite=args.overwrite,
-        **params,
-    )
+    model = tl.train(adata, args.method, **kwargs)
     history = model.history.get("train_loss", [])
     if history:
         progress(f"trained {len(history)} epochs; final training loss {history[-1]:.4g}")
@@ -228,6 +279,7 @@ def cmd_predict(args, progress: _Progress) -> int:
     """Predict with a stored or saved model."""
     from . import tl
 
+    check_output(args.output, overwrite=args.overwrite)
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     libraries = _names(args.libraries)
@@ -255,6 +307,7 @@ def cmd_superresolve(args, progress: _Progress) -> int:
     except AttributeError:
         raise RuntimeError("superresolve is not available in this version of sthisto.") from None
     params = parse_params(args.param)
+    check_output(args.output, overwrite=args.overwrite)
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     progress(f"super-resolving with {args.model}")
@@ -279,34 +332,32 @@ def cmd_cross_validate(args, progress: _Progress) -> int:
                 ) from None
         else:
             folds = _names(args.folds)
-    params = parse_params(args.param)
-    if args.max_epochs is not None:
-        params["max_epochs"] = args.max_epochs
-    if args.validation is not None:
-        params["validation"] = _validation(args.validation)
-    if args.device is not None:
-        params["device"] = args.device
+    check_output(args.output, overwrite=args.overwrite)
+    check_output(args.table, overwrite=args.overwrite, suffixes=())
+    options = {
+        "folds": folds,
+        "key_added": args.key_added,
+        "seed": args.seed,
+        "genes": _genes(args),
+        "layer": args.layer,
+        "labels_key": args.labels_key,
+        "n_jobs": args.n_jobs,
+        "devices": _names(args.devices),
+    }
+    defaults = {**dict.fromkeys(options), "seed": 0, "n_jobs": 1}
+    for name, value in (("max_epochs", args.max_epochs), ("validation", args.validation), ("device", args.device)):
+        options[name] = _validation(value) if name == "validation" else value
+        defaults[name] = None
+    kwargs = merge_params(options, defaults, parse_params(args.param))
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("max_epochs", "validation", "device") or v is not None}
+    kwargs.setdefault("progress", not args.quiet)
+    kwargs.setdefault("store_models", not args.no_store_models)
+    kwargs["overwrite"] = args.overwrite
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     methods = args.method if len(args.method) > 1 else args.method[0]
     progress(f"cross-validating {', '.join(args.method)} (split={args.split})")
-    table = tl.cross_validate(
-        adata,
-        methods,
-        split=args.split,
-        folds=folds,
-        key_added=args.key_added,
-        seed=args.seed,
-        genes=_genes(args),
-        layer=args.layer,
-        labels_key=args.labels_key,
-        store_models=not args.no_store_models,
-        n_jobs=args.n_jobs,
-        devices=_names(args.devices),
-        progress=not args.quiet,
-        overwrite=args.overwrite,
-        **params,
-    )
+    table = tl.cross_validate(adata, methods, split=args.split, **kwargs)
     _print_table(_summary(table))
     if args.table is not None:
         table.to_csv(args.table, index=False)
@@ -320,6 +371,8 @@ def cmd_evaluate(args, progress: _Progress) -> int:
     """Evaluate a layer of predictions and print the overall metrics."""
     from . import tl
 
+    check_output(args.output, overwrite=args.overwrite)
+    check_output(args.table, overwrite=args.overwrite, suffixes=())
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     progress(f"evaluating layers[{args.predicted!r}]")
@@ -358,7 +411,12 @@ def cmd_demo(args, progress: _Progress) -> int:
         raise FileExistsError(f"output folder {str(out)!r} is not empty; pass --overwrite or choose another folder.")
     if args.n_sections < 2:
         raise UsageError("--n-sections must be at least 2 (train on some, predict a held-out one).")
-    params = parse_params(args.param)
+    options = {"max_epochs": args.max_epochs, "device": args.device, "seed": args.seed}
+    kwargs = merge_params(options, {"max_epochs": None, "device": "auto", "seed": 0}, parse_params(args.param))
+    for reserved in ("train_mask", "key_added"):
+        if reserved in kwargs:
+            raise UsageError(f"--param {reserved}=... is set by the demo itself; leave it out.")
+    kwargs.setdefault("progress_bar", False)
     out.mkdir(parents=True, exist_ok=True)
 
     progress(f"[1/5] generating {args.n_sections} synthetic sections (~{args.n_spots} spots, {args.n_genes} genes)")
@@ -371,11 +429,7 @@ def cmd_demo(args, progress: _Progress) -> int:
         args.method,
         train_mask=train_libraries,
         key_added="demo_model",
-        max_epochs=args.max_epochs,
-        device=args.device,
-        seed=args.seed,
-        progress_bar=False,
-        **params,
+        **kwargs,
     )
     progress(f"[3/5] predicting held-out section {held_out}")
     test = adata[adata.obs["library_id"].astype(str) == held_out].copy()

@@ -21,6 +21,7 @@ from .._anndata import record
 from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
 from ._common import TIFF_SUFFIXES, image_size, median_spacing, names_list
 
 SMALL_IMAGE_SIDE = 4000
@@ -451,6 +452,7 @@ def _assemble(table, region_key: str, instance_key: str, libraries: list[_Librar
 # AnnData -> SpatialData
 
 
+@checked_input
 def to_spatialdata(
     adata,
     *,

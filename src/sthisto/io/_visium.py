@@ -13,6 +13,7 @@ from .._anndata import record
 from .._constants import Images, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import positive_number
 from ._common import (
     check_spots_inside,
     existing_dir,
@@ -351,7 +352,24 @@ def _read_scalefactors(file: Path) -> dict:
         raise InputError(f"could not read {str(file)!r} as JSON: {err}") from err
     if not isinstance(values, dict):
         raise InputError(f"{str(file)!r} should hold a JSON object of scale factors.")
+    for key in _POSITIVE_SCALEFACTORS:
+        if values.get(key) is not None:
+            # A zero or negative scale passes every later step and turns all physical sizes meaningless.
+            positive_number(
+                values[key],
+                what=f"{key!r} in {str(file)!r}",
+                fix="Space Ranger writes positive scale factors; restore the file from the Space Ranger output.",
+            )
     return {str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+_POSITIVE_SCALEFACTORS = (
+    ScaleFactors.MICRONS_PER_PIXEL,
+    ScaleFactors.SPOT_DIAMETER,
+    ScaleFactors.HIRES,
+    ScaleFactors.LOWRES,
+    "bin_size_um",
+)
 
 
 def _read_positions(file: Path) -> pd.DataFrame:

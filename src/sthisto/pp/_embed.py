@@ -15,6 +15,7 @@ from .._constants import Obs, Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError, NoImageError
 from .._images import has_image
 from .._logging import logger
+from .._validate import checked_input
 from ._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
 
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 256}
@@ -60,6 +61,7 @@ def extra_key(key_added: str) -> str:
     return f"{key_added}_extra"
 
 
+@checked_input
 def embed(
     adata,
     *,
@@ -215,6 +217,7 @@ def embed(
         precision=encoder_obj.replace(device=torch_device).resolve_precision(precision),
         libraries=sorted(selected),
         spots_fingerprint=_spots_fingerprint(adata, spot_libraries, coords, indices),
+        spots_names_fingerprint=spot_names_fingerprint(adata, spot_libraries),
     )
 
     if key_added in adata.obsm and not overwrite:
@@ -395,7 +398,7 @@ class _BatchedPatches:
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise InputError(f"{name}={value!r} must be a positive integer.")
+        raise InputError(f"{name}={value!r} must be a positive integer, or None for the default.")
     return int(value)
 
 
@@ -442,6 +445,14 @@ def _spots_fingerprint(adata, spot_libraries, coords, indices) -> str:
     digest.update("\0".join(spot_libraries).encode())
     digest.update(np.ascontiguousarray(coords, dtype=np.float64).tobytes())
     digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def spot_names_fingerprint(adata, spot_libraries) -> str:
+    """Hash of the spots' names and libraries only: tells whether later features checks see the same spots."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update("\0".join(map(str, adata.obs_names)).encode())
+    digest.update("\0".join(spot_libraries).encode())
     return digest.hexdigest()
 
 

@@ -14,6 +14,7 @@ from .._anndata import check_record_writable, check_writable, maybe_copy, record
 from .._constants import Obs, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
 
 _FUNCTION = "select_genes"
 _FLAVORS = ("per_section_union", "seurat_v3", "seurat", "cell_ranger")
@@ -21,6 +22,7 @@ _DEFAULT_MIN_SPOTS = {"per_section_union": 1000}
 """The papers' rule drops genes non-zero in fewer than 1000 spots; scanpy flavours do not filter."""
 
 
+@checked_input(genes=True)
 def select_genes(
     adata,
     *,

@@ -12,6 +12,7 @@ from .._anndata import check_record_writable, check_writable, maybe_copy, record
 from .._constants import Obs, Obsm
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
 
 _FUNCTION = "spatial_graph"
 _METHODS = ("knn", "grid", "radius")
@@ -132,6 +133,7 @@ def _nearest_k(coords: np.ndarray, rows: np.ndarray, candidates: np.ndarray, k: 
     )
 
 
+@checked_input
 def spatial_graph(
     adata,
     *,

@@ -18,6 +18,7 @@ from .._anndata import check_record_writable, check_writable, maybe_copy, record
 from .._constants import Layers, Obs
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
 
 _FUNCTION = "normalize"
 
@@ -215,6 +216,7 @@ def size_factors(library_size, groups=None) -> np.ndarray:
     return out.astype(np.float32)
 
 
+@checked_input(genes=True)
 def normalize(
     adata,
     *,

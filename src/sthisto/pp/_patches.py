@@ -80,7 +80,16 @@ def library_ids(adata) -> np.ndarray:
             "adata.obs['library_id'] is missing: sthisto needs to know the section of every spot. "
             "For a single section: adata.obs['library_id'] = pd.Categorical(['<name>'] * adata.n_obs)."
         )
-    return adata.obs[Obs.LIBRARY_ID].astype(str).to_numpy()
+    column = adata.obs[Obs.LIBRARY_ID]
+    missing = column.isna().to_numpy()
+    if missing.any():
+        # astype(str) would file these spots under a section literally named 'nan'.
+        names = adata.obs_names[missing][:5].tolist()
+        raise InputError(
+            f"{int(missing.sum())} spots have no obs['library_id'] (NaN, e.g. {names}). Assign each spot its "
+            f"section, or drop them: adata = adata[adata.obs['library_id'].notna()].copy()."
+        )
+    return column.astype(str).to_numpy()
 
 
 class PatchDataset:

@@ -28,6 +28,7 @@ from .._constants import Images, Metadata, ScaleFactors, Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError, NoImageError
 from .._images import ImageSource, check_image_array, library_spatial, open_image_file
 from .._logging import logger
+from .._validate import checked_input
 
 _FUNCTION = "stain_normalize"
 METHODS = ("macenko", "reinhard", "vahadane")
@@ -693,6 +694,7 @@ def _reference_image(adata, reference, image_key: str | None, max_side: int) -> 
 # --------------------------------------------------------------------------- public function
 
 
+@checked_input
 def stain_normalize(
     adata,
     *,

@@ -23,6 +23,7 @@ from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError, MissingKeyError
 from .._images import library_spatial, microns_per_pixel
 from .._logging import logger
+from .._validate import checked_input
 
 FUNCTION = "tile"
 GRIDS = ("square", "hex")
@@ -32,6 +33,7 @@ _BAND_SPOTS = 200_000
 """Grid positions processed at once (bounds temporaries on slides with millions of positions)."""
 
 
+@checked_input
 def tile(
     adata,
     *,

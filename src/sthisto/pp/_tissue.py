@@ -23,6 +23,7 @@ from .._constants import Images, Metadata, ScaleFactors, Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError
 from .._images import library_spatial, microns_per_pixel
 from .._logging import logger
+from .._validate import checked_input
 
 FUNCTION = "tissue_mask"
 METHODS = ("otsu", "od")
@@ -38,6 +39,7 @@ _DARK = 0.15
 """Pixels whose brightest channel is below this (0–1) are pen marks, dust or scanner border."""
 
 
+@checked_input
 def tissue_mask(
     adata,
     *,

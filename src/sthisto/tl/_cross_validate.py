@@ -35,6 +35,7 @@ from .._anndata import check_record_writable, check_writable, record, sthisto_un
 from .._constants import Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
 from ..pp._patches import library_ids
 
 _FUNCTION = "cross_validate"
@@ -346,6 +347,7 @@ def _run_tasks(adata, tasks: list[_Task], *, n_jobs: int, devices: list | None, 
 
 
 # --- the public function ----------------------------------------------------------------------------
+@checked_input(genes=True)
 def cross_validate(
     adata,
     method,

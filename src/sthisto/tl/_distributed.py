@@ -28,8 +28,10 @@ ensure_torchvision()  # Lightning imports torchmetrics, which imports torchvisio
 import lightning.pytorch as pl  # noqa: E402
 
 from .._errors import InputError  # noqa: E402
+from .._validate import checked_input  # noqa: E402
 
 
+@checked_input(genes=True)
 def predict_distributed(
     adata,
     model,

@@ -21,6 +21,7 @@ from .._anndata import check_record_writable, maybe_copy, record, sthisto_uns
 from .._constants import Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
 from ..encoders._provenance import with_weights_columns
 
 _FUNCTION = "evaluate"
@@ -631,6 +632,7 @@ def _evaluated_genes(adata, predicted: str, genes) -> list[str]:
     return chosen
 
 
+@checked_input(genes=True)
 def evaluate(
     adata,
     *,
@@ -994,6 +996,7 @@ def _protocol(function: str | None, entry: dict | None, groups: list[str]) -> di
     }
 
 
+@checked_input
 def get_metrics(adata, key: str, *, per_gene: bool = False, function: str | None = None) -> pd.DataFrame:
     """Read a stored metrics table back as a DataFrame.
 

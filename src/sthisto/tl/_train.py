@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from .._anndata import check_writable, maybe_copy, record, sthisto_uns, write
 from .._constants import Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import align_train_mask, check_finite_tensors, check_max_epochs, checked_input
 from ..pp._patches import library_ids
 
 SELECTED_GENES_KEY = "sthisto_selected"
@@ -68,6 +69,11 @@ def _resolve_genes(adata, genes) -> list[str]:
             )
         chosen = var_names[adata.var[genes].to_numpy(dtype=bool)].tolist()
     else:
+        if not isinstance(genes, Iterable):
+            raise InputError(
+                f"genes={genes!r} is a {type(genes).__name__}; pass a list of gene names, the name of a boolean "
+                f"var column, or None for all (or the selected) genes."
+            )
         chosen = [str(g) for g in genes]
         missing = [g for g in chosen if g not in set(var_names)]
         if missing:
@@ -87,7 +93,7 @@ def _resolve_train_index(adata, train_mask) -> np.ndarray:
         return np.arange(adata.n_obs)
     if isinstance(train_mask, str):
         train_mask = [train_mask]
-    values = np.asarray(train_mask)
+    values = np.asarray(align_train_mask(adata, train_mask))
     if values.dtype == bool:
         if values.shape != (adata.n_obs,):
             raise InputError(f"train_mask has shape {values.shape}; a boolean mask needs shape ({adata.n_obs},).")
@@ -151,6 +157,7 @@ def _targets(adata, index, genes, *, layer, variant, need_counts):
     return targets, (counts if need_counts else None), sizes
 
 
+@checked_input(genes=True)
 def train(
     adata,
     method="thitogene",
@@ -242,6 +249,9 @@ def train(
     from ..models._registry import resolve_method
 
     cls, variant_params = resolve_method(method)
+    max_epochs = check_max_epochs(max_epochs)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed={seed!r} must be an integer (it seeds weights, data order and the validation split).")
     key_added = key_added or (method if isinstance(method, str) else cls.name)
     if store and not overwrite and key_added in adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {}):
         raise InputError(
@@ -255,6 +265,7 @@ def train(
     train_index = _resolve_train_index(adata, train_mask)
     params = {**variant_params, **method_params}
     cls.split_params(params)  # unknown parameter names fail here, before any work
+    _check_section_sizes(adata, cls, train_index)
     _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed)
     # Targets are validated before the model is configured: configuring may embed images
     # (feature-based methods), and a refused call must leave adata unchanged.
@@ -289,9 +300,25 @@ def train(
         resume=resume,
         progress_bar=progress_bar,
     )
+    if model.network is not None:  # a diverged run must not be stored as a trained model
+        check_finite_tensors(model.state_tensors(), where=f"the {model.name} model just trained")
     if store:
         store_model(adata, model, key_added=key_added, overwrite=overwrite)
     return model
+
+
+def _check_section_sizes(adata, cls, train_index: np.ndarray) -> None:
+    """Section-batched networks take statistics across a section's spots: one spot alone cannot train."""
+    if cls.network_class is None or cls.batching != "section":
+        return
+    libraries, counts = np.unique(library_ids(adata)[train_index], return_counts=True)
+    alone = libraries[counts < 2].tolist()
+    if alone:
+        raise InputError(
+            f"training sections {alone} have a single spot; {cls.name!r} trains on whole sections (attention "
+            f"and batch statistics across their spots), which needs at least 2. Drop those sections from "
+            f"train_mask or add their other spots."
+        )
 
 
 def _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed) -> None:
@@ -325,6 +352,7 @@ def store_model(adata, model, *, key_added: str, overwrite: bool = False) -> Non
     logger.info("added adata.uns['sthisto']['models'][%r]", key_added)
 
 
+@checked_input
 def get_model(adata, key: str):
     """Rebuild the model stored under ``adata.uns['sthisto']['models'][key]``.
 
@@ -355,6 +383,7 @@ def _resolve_model(adata, model):
     from ..models._base import ExpressionModel
 
     if isinstance(model, ExpressionModel):
+        check_finite_tensors(model.state_tensors(), where=f"the {model.name} model passed")
         return model, None
     if isinstance(model, (str, Path)):
         models = adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {})
@@ -369,6 +398,7 @@ def _resolve_model(adata, model):
     raise InputError(f"model must be a stored key, a model object or a saved path; got {type(model).__name__}.")
 
 
+@checked_input(genes=True)
 def predict(
     adata,
     model,
@@ -401,7 +431,8 @@ def predict(
     overwrite
         Replace existing outputs with the same key.
     copy
-        Return a modified copy instead of writing in place.
+        Return a modified copy instead of writing in place; image features a feature-based
+        model computes also go to the copy only, so ``adata`` is left exactly as it was.
 
     Returns
     -------
@@ -425,10 +456,13 @@ def predict(
     """
     fitted, stored_key = _resolve_model(adata, model)
     request = _prediction_request(adata, fitted, stored_key, key_added=key_added, overwrite=overwrite)
+    # With copy=True everything, including features a feature-based model computes, goes to the copy.
+    target = maybe_copy(adata, copy)
     fitted.prediction_summary = None
-    predictions = fitted.predict(adata, device=device)
+    predictions = fitted.predict(target, device=device)
     request.provenance["streaming"] = json.dumps(getattr(fitted, "prediction_summary", None))
-    return _store_predictions(adata, fitted, request, predictions, overwrite=overwrite, copy=copy)
+    result = _store_predictions(target, fitted, request, predictions, overwrite=overwrite, copy=False)
+    return target if copy and result is None else result
 
 
 class _PredictionRequest:
