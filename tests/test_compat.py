@@ -64,3 +64,33 @@ def test_import_sthisto_stays_light():
         """
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_import_sthisto_does_not_look_up_its_version_in_the_metadata():
+    # importlib.metadata scans every installed distribution: most of import time before.
+    result = _run(
+        """
+        import sys
+        import sthisto
+        assert "importlib.metadata" not in sys.modules
+        version = sthisto.__version__
+        assert isinstance(version, str) and version[0].isdigit(), version
+        from sthisto import __version__
+        assert __version__ == version
+        """
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_version_falls_back_to_the_metadata_in_a_source_tree_without_version_file():
+    result = _run(
+        """
+        import sys
+        sys.modules["sthisto._version"] = None  # as if _version.py were never written
+        import sthisto
+        assert "importlib.metadata" not in sys.modules
+        assert isinstance(sthisto.__version__, str) and sthisto.__version__
+        assert "importlib.metadata" in sys.modules
+        """
+    )
+    assert result.returncode == 0, result.stderr

@@ -7,21 +7,35 @@ not import torch, Lightning, timm or torch-geometric.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 
 try:
-    __version__ = version("sthisto")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
+    # Written by hatch-vcs when the package is built or installed (also editable installs).
+    from ._version import __version__
+except ImportError:  # a source tree that was never installed: look the version up on first use
+    pass
 
 _SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "models", "encoders", "engine")
 
 __all__ = ["__version__", *_SUBMODULES]
 
 
+def _version_from_metadata() -> str:
+    # importlib.metadata scans every installed distribution, which is slow; only a source tree
+    # without _version.py gets here, and only when the version is asked for.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sthisto")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "__version__":
+        globals()["__version__"] = value = _version_from_metadata()
+        return value
     raise AttributeError(f"module 'sthisto' has no attribute {name!r}")
 
 
