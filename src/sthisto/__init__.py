@@ -16,7 +16,7 @@ except ImportError:  # a source tree that was never installed: look the version 
 
 _SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "models", "encoders", "engine")
 
-__all__ = ["__version__", *_SUBMODULES]
+__all__ = ["__version__", "settings", *_SUBMODULES]
 
 
 def _version_from_metadata() -> str:
@@ -33,6 +33,10 @@ def _version_from_metadata() -> str:
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "settings":
+        from ._logging import settings
+
+        return settings
     if name == "__version__":
         globals()["__version__"] = value = _version_from_metadata()
         return value

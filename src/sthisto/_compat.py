@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from ._logging import logger
+from ._logging import HINT, logger
 
 # Operators torchvision registers fake kernels for at import time, whatever its build.
 _SCHEMAS_NEEDED_AT_IMPORT = (
@@ -69,10 +69,11 @@ def ensure_torchvision() -> bool:
     for schema in _SCHEMAS_NEEDED_AT_IMPORT:
         library.define(schema)
     _fallback_library = library
-    logger.info(
+    logger.log(
+        HINT,
         "torchvision's compiled operators do not load beside this torch build (CPU torch with a "
         "CUDA torchvision wheel); defined their schemas so that torchvision and timm import. "
-        "torchvision.ops detection kernels stay unavailable; sthisto does not use them."
+        "torchvision.ops detection kernels stay unavailable; sthisto does not use them.",
     )
     return True
 

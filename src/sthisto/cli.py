@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 import traceback
@@ -588,14 +587,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = bool(args.verbose)
     quiet = bool(args.quiet) and not verbose
     args.quiet = quiet
-    logger = logging.getLogger("sthisto")
-    handler = None
-    previous_level = logger.level
-    if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    from ._logging import settings
+
+    # The command prints its own progress; the library's per-call summaries only with --verbose.
+    previous_verbosity = settings.verbosity
+    settings.verbosity = "hint" if verbose else "warning"
     progress = _Progress(args.command, quiet)
     try:
         with warnings.catch_warnings():
@@ -615,9 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-            logger.setLevel(previous_level)
+        settings.verbosity = previous_verbosity
 
 
 if __name__ == "__main__":

@@ -322,7 +322,7 @@ def store_model(adata, model, *, key_added: str, overwrite: bool = False) -> Non
     if key_added in models and not overwrite:
         raise InputError(f"adata.uns['sthisto']['models'][{key_added!r}] already exists; pass overwrite=True.")
     models[key_added] = model.to_record()
-    logger.info("added adata.uns['sthisto']['models'][%r]", key_added)
+    logger.info("train: added uns['sthisto']['models'][%r]", key_added)
 
 
 def get_model(adata, key: str):
