@@ -124,3 +124,13 @@ def test_copy_contract_is_documented(name):
     assert inspect.signature(function).parameters["copy"].default is False
     returns = inspect.getdoc(function).split("Returns\n-------", 1)[1]
     assert "None" in returns or "copy" in returns, f"sthisto.{name} must say it returns None in place / the copy"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in FUNCTIONS if n.startswith("pl.")))
+def test_plots_follow_scanpys_show_and_return_fig(name):
+    parameters = inspect.signature(FUNCTIONS[name]).parameters
+    for option, default in (("show", None), ("return_fig", False), ("save", None)):
+        assert option in parameters, f"sthisto.{name} lacks {option}= (scanpy's plotting convention)"
+        assert parameters[option].kind == inspect.Parameter.KEYWORD_ONLY and parameters[option].default is default
+    returns = inspect.getdoc(FUNCTIONS[name]).split("Returns\n-------", 1)[1]
+    assert "None" in returns, f"sthisto.{name}'s Returns section must say it returns None when it shows the figure"

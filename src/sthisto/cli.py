@@ -400,14 +400,14 @@ def cmd_demo(args, progress: _Progress) -> int:
     shown = (ranked[:2] + [g for g in dependent if g not in ranked[:2]][:1])[:3] or list(model.genes)[:3]
     figures = ["gene_maps.png", "domain_map.png"]
     fig = pl.gene_maps(test, shown, layers=["observed", "predicted"], titles=["observed", "predicted"],
-                       save=out / "gene_maps.png", dpi=80)  # fmt: skip
+                       save=out / "gene_maps.png", dpi=80, return_fig=True)  # fmt: skip
     plt.close(fig)
     fig = pl.domain_maps(test, predicted="predicted", labels_key="label", seed=args.seed,
-                         save=out / "domain_map.png", dpi=80)  # fmt: skip
+                         save=out / "domain_map.png", dpi=80, return_fig=True)  # fmt: skip
     plt.close(fig)
     if len(model.history.get("train_loss", [])):
-        ax = pl.training_curves(model, save=out / "training_curves.png", dpi=80)
-        plt.close(ax.figure)
+        fig = pl.training_curves(model, save=out / "training_curves.png", dpi=80, return_fig=True)
+        plt.close(fig)
         figures.append("training_curves.png")
 
     overall = table[table["scope"] == "overall"].set_index("metric")["value"]

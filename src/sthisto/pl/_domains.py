@@ -19,6 +19,7 @@ from ._utils import (
     finish,
     frame_axes,
     library_geometry,
+    show_or_return,
     spots_in_frame,
 )
 
@@ -57,6 +58,8 @@ def domain_maps(
     panel_size: float = 4.0,
     save: str | Path | None = None,
     dpi: float | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
 ):
     """Annotations beside clusters of the predicted expression, with their ARI.
 
@@ -90,10 +93,17 @@ def domain_maps(
         Spot diameter multiplier; inches per panel.
     save, dpi
         Save the figure to this file.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the figure.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure` (two axes: annotations, clusters).
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.figure.Figure` (two axes: annotations, clusters).
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
@@ -175,4 +185,4 @@ def domain_maps(
     handles = [Patch(facecolor=colors[c], label=c) for c in categories + extra]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False, fontsize="small")
     finish(fig, save, dpi)
-    return fig
+    return show_or_return(fig, fig, show=show, return_fig=return_fig, own_figure=True)

@@ -17,6 +17,7 @@ from ._utils import (
     frame_axes,
     layer_values,
     library_geometry,
+    show_or_return,
     spots_in_frame,
 )
 
@@ -55,6 +56,8 @@ def gene_maps(
     panel_size: float = 3.0,
     save: str | Path | None = None,
     dpi: float | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
 ):
     """Gene maps over the H&E: one row per gene, one column per layer, one colour scale per gene.
 
@@ -89,10 +92,17 @@ def gene_maps(
         Write the figure to this file (format from the extension).
     dpi
         Resolution when saving.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the figure.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure`; its axes are ``fig.axes`` (row-major, then one
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.figure.Figure`; its axes are ``fig.axes`` (row-major, then one
     colour bar per gene).
 
     Examples
@@ -160,4 +170,4 @@ def gene_maps(
                 ax.set_ylabel(gene)
         fig.colorbar(collection, ax=list(axes[row]), shrink=0.8, pad=0.01)
     finish(fig, save, dpi)
-    return fig
+    return show_or_return(fig, fig, show=show, return_fig=return_fig, own_figure=True)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .._constants import Uns
 from .._errors import InputError, MissingKeyError
-from ._utils import category_colors, finish
+from ._utils import category_colors, finish, show_or_return
 
 _PER_GENE_METRICS = ("pearson", "spearman", "ssim", "mse", "mae")
 
@@ -52,6 +52,8 @@ def metric_distribution(
     ax=None,
     save: str | Path | None = None,
     dpi: float | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
 ):
     """Distributions of a per-gene metric (default Pearson r) per method and section.
 
@@ -76,12 +78,20 @@ def metric_distribution(
         Axes to draw into (default: a new figure).
     save, dpi
         Save the figure to this file.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the axes.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`. Genes without a defined value (constant genes) are
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.axes.Axes`. Genes without a defined value (constant genes) are
     not drawn; their number is in the evaluation table.
     """
+    own_figure = ax is None
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -139,7 +149,7 @@ def metric_distribution(
     ax.set_xlabel("section" if per_group else "")
     ax.legend(handles=[Patch(facecolor=colors[lab], label=lab) for lab in labels], frameon=False, fontsize="small")
     finish(ax.figure, save, dpi)
-    return ax
+    return show_or_return(ax.figure, ax, show=show, return_fig=return_fig, own_figure=own_figure)
 
 
 def _table_for_heatmap(data, keys) -> pd.DataFrame:
@@ -179,6 +189,8 @@ def metrics_heatmap(
     ax=None,
     save: str | Path | None = None,
     dpi: float | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
 ):
     """Heat map of one metric across methods (rows) and sections (columns).
 
@@ -204,11 +216,19 @@ def metrics_heatmap(
         Axes to draw into (default: a new figure).
     save, dpi
         Save the figure to this file.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the axes.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`.
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.axes.Axes`.
     """
+    own_figure = ax is None
     import matplotlib.pyplot as plt
 
     table = _table_for_heatmap(data, keys)
@@ -248,4 +268,4 @@ def metrics_heatmap(
                             color="black" if values[i, j] > middle else "white")  # fmt: skip
     ax.figure.colorbar(image, ax=ax, label=metric, shrink=0.9)
     finish(ax.figure, save, dpi)
-    return ax
+    return show_or_return(ax.figure, ax, show=show, return_fig=return_fig, own_figure=own_figure)

@@ -52,6 +52,8 @@ def training_curves(
     ax=None,
     save: str | Path | None = None,
     dpi: float | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
 ):
     """Training (solid) and validation (dashed) loss per epoch.
 
@@ -69,12 +71,20 @@ def training_curves(
         Axes to draw into (default: a new figure).
     save, dpi
         Save the figure to this file.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the axes.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`. The epoch a model kept (lowest validation loss) is
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.axes.Axes`. The epoch a model kept (lowest validation loss) is
     marked when validation was used.
     """
+    own_figure = ax is None
     import matplotlib.pyplot as plt
 
     curves = _histories(source, key)
@@ -111,7 +121,7 @@ def training_curves(
     if log_scale:
         ax.set_yscale("log")
     ax.legend(frameon=False, fontsize="small")
-    from ._utils import finish
+    from ._utils import finish, show_or_return
 
     finish(ax.figure, save, dpi)
-    return ax
+    return show_or_return(ax.figure, ax, show=show, return_fig=return_fig, own_figure=own_figure)
