@@ -11,12 +11,15 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._errors import InputError, KeyExistsError, MissingKeyError
 from .._logging import logger
+
+if TYPE_CHECKING:
+    from ..models._base import ExpressionModel
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -83,7 +86,7 @@ def _check_weights_shape(model, tensors: Mapping[str, Any], where: str, manifest
         )
 
 
-def load_model(path: str | Path):
+def load_model(path: str | Path) -> ExpressionModel:
     """Load a model saved with ``model.save(path)``.
 
     Checks the manifest (format, package version, method, genes) and that the weights fit the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,13 @@ from ._utils import (
     spots_in_frame,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    from anndata import AnnData
+    from matplotlib.figure import Figure
+
 
 def _match_clusters(labels: np.ndarray, clusters: np.ndarray) -> dict:
     """Name each cluster after the label it overlaps most (Hungarian matching; extra clusters keep numbers)."""
@@ -39,7 +47,7 @@ def _match_clusters(labels: np.ndarray, clusters: np.ndarray) -> dict:
 
 
 def domain_maps(
-    adata,
+    adata: AnnData,
     *,
     predicted: str,
     labels_key: str,
@@ -53,14 +61,14 @@ def domain_maps(
     leiden_resolution: float = 1.0,
     leiden_connectivities: str = "umap",
     seed: int = 0,
-    palette=None,
+    palette: Sequence[Any] | Mapping[str, Any] | None = None,
     spot_scale: float = 1.0,
     panel_size: float = 4.0,
     save: str | Path | None = None,
     dpi: float | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Figure | None:
     """Annotations beside clusters of the predicted expression, with their ARI.
 
     The clusters are computed exactly as :func:`sthisto.tl.evaluate` computes them for its

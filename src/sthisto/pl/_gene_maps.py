@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,10 @@ from ._utils import (
     show_or_return,
     spots_in_frame,
 )
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.figure import Figure
 
 
 def _panels(adata, layers) -> list[tuple[object, str, str]]:
@@ -43,7 +48,7 @@ def _panels(adata, layers) -> list[tuple[object, str, str]]:
 
 
 def gene_maps(
-    adata,
+    adata: AnnData,
     genes: str | Sequence[str],
     *,
     layers: Sequence,
@@ -58,7 +63,7 @@ def gene_maps(
     dpi: float | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Figure | None:
     """Gene maps over the H&E: one row per gene, one column per layer, one colour scale per gene.
 
     Parameters

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,14 @@ import pandas as pd
 from .._constants import Uns
 from .._errors import InputError, MissingKeyError
 from ._utils import category_colors, finish, show_or_return
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 _PER_GENE_METRICS = ("pearson", "spearman", "ssim", "mse", "mae")
 
@@ -41,20 +50,20 @@ def _labels_of(adata, keys: list[str]) -> list[str]:
 
 
 def metric_distribution(
-    adata,
+    adata: AnnData,
     keys: str | Sequence[str],
     *,
     metric: str = "pearson",
     kind: str = "box",
     per_group: bool = True,
     labels: Sequence[str] | None = None,
-    palette=None,
-    ax=None,
+    palette: Sequence[Any] | Mapping[str, Any] | None = None,
+    ax: Axes | None = None,
     save: str | Path | None = None,
     dpi: float | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Axes | Figure | None:
     """Distributions of a per-gene metric (default Pearson r) per method and section.
 
     Parameters
@@ -178,7 +187,7 @@ def _table_for_heatmap(data, keys) -> pd.DataFrame:
 
 
 def metrics_heatmap(
-    data,
+    data: AnnData | pd.DataFrame,
     keys: str | Sequence[str] | None = None,
     *,
     metric: str = "pearson_gene_mean",
@@ -186,12 +195,12 @@ def metrics_heatmap(
     annotate: bool = True,
     fmt: str = "{:.2f}",
     cmap: str = "viridis",
-    ax=None,
+    ax: Axes | None = None,
     save: str | Path | None = None,
     dpi: float | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Axes | Figure | None:
     """Heat map of one metric across methods (rows) and sections (columns).
 
     Parameters

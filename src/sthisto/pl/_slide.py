@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,9 +23,14 @@ from ._utils import (
     spots_in_frame,
 )
 
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 
 def slide_map(
-    adata,
+    adata: AnnData,
     genes: str | Sequence[str],
     *,
     library_id: str | None = None,
@@ -38,12 +44,12 @@ def slide_map(
     spot_scale: float = 1.0,
     ncols: int = 3,
     panel_size: float = 4.0,
-    ax=None,
+    ax: Axes | Sequence[Axes] | None = None,
     save: str | Path | None = None,
     dpi: float | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> tuple[Figure, list[Axes]] | Figure | None:
     """Maps of predicted genes over a whole slide, drawn on one level of its image.
 
     Parameters

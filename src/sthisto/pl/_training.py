@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._constants import Uns
 from .._errors import InputError, MissingKeyError
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from ..models._base import ExpressionModel
 
 
 def _as_history(value) -> dict[str, np.ndarray]:
@@ -45,16 +55,16 @@ def _histories(source, key: str | None) -> dict[str, dict[str, np.ndarray]]:
 
 
 def training_curves(
-    source,
+    source: ExpressionModel | Mapping[str, Any] | AnnData,
     key: str | None = None,
     *,
     log_scale: bool = False,
-    ax=None,
+    ax: Axes | None = None,
     save: str | Path | None = None,
     dpi: float | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Axes | Figure | None:
     """Training (solid) and validation (dashed) loss per epoch.
 
     Parameters

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -12,6 +12,10 @@ from .._anndata import check_record_writable, check_writable, maybe_copy, record
 from .._constants import Obs, Obsm
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from numpy.typing import ArrayLike
 
 _FUNCTION = "spatial_graph"
 _METHODS = ("knn", "grid", "radius")
@@ -24,11 +28,11 @@ _DISTANCE_RTOL = 1e-9
 
 
 def knn_edge_index(
-    coords,
+    coords: ArrayLike,
     *,
     n_neighbors: int,
     max_distance: float | None = None,
-    groups=None,
+    groups: ArrayLike | None = None,
 ) -> np.ndarray:
     """Directed k-nearest-neighbour graph without self-loops, as THItoGene and HGGEF build it.
 
@@ -133,7 +137,7 @@ def _nearest_k(coords: np.ndarray, rows: np.ndarray, candidates: np.ndarray, k: 
 
 
 def spatial_graph(
-    adata,
+    adata: AnnData,
     *,
     method: Literal["knn", "grid", "radius"] = "knn",
     coordinates: Literal["array", "pixel"] = "array",
@@ -143,7 +147,7 @@ def spatial_graph(
     key_added: str = "spatial",
     copy: bool = False,
     overwrite: bool = False,
-):
+) -> AnnData | None:
     """Build each section's spot graph with squidpy, never linking spots of different sections.
 
     Wraps :func:`squidpy.gr.spatial_neighbors` with ``library_key='library_id'``. The object's

@@ -15,6 +15,7 @@ thresholding is done directly with scikit-image.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from .._constants import Images, Metadata, ScaleFactors, Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError
 from .._images import library_spatial, microns_per_pixel
 from .._logging import logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 FUNCTION = "tissue_mask"
 METHODS = ("otsu", "od")
@@ -39,7 +43,7 @@ _DARK = 0.15
 
 
 def tissue_mask(
-    adata,
+    adata: AnnData,
     *,
     library_id: str | None = None,
     level: str | int | None = None,
@@ -50,7 +54,7 @@ def tissue_mask(
     min_hole_um2: float = 100_000.0,
     overwrite: bool = False,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Detect the tissue of each slide on a low-resolution image.
 
     Parameters

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,11 @@ from .._constants import Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from ..pp._patches import library_ids
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..models._base import ExpressionModel
 
 _FUNCTION = "cross_validate"
 SPLITS = {
@@ -347,11 +352,11 @@ def _run_tasks(adata, tasks: list[_Task], *, n_jobs: int, devices: list | None, 
 
 # --- the public function ----------------------------------------------------------------------------
 def cross_validate(
-    adata,
-    method,
+    adata: AnnData,
+    method: str | type[ExpressionModel] | Sequence[str | type[ExpressionModel]],
     *,
     split: str = "section",
-    folds=None,
+    folds: Sequence[str] | float | None = None,
     key_added: str | None = None,
     seed: int = 0,
     genes: Sequence[str] | str | Callable | None = None,
