@@ -94,3 +94,20 @@ def test_version_falls_back_to_the_metadata_in_a_source_tree_without_version_fil
         """
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_users_own_import_of_timm_works_after_import_sthisto():
+    # Beside CPU torch a CUDA torchvision wheel fails on import until the step has run; the
+    # finder installed by `import sthisto` runs it on the first torchvision import, not before.
+    result = _run(
+        """
+        import sys
+        import sthisto
+        assert "torch" not in sys.modules
+        import timm
+        import torchvision
+        assert not any(type(f).__name__ == "_TorchvisionImportHook" for f in sys.meta_path)
+        import lightning
+        """
+    )
+    assert result.returncode == 0, result.stderr

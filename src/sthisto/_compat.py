@@ -12,7 +12,8 @@ pure Python and works; torchvision's compiled detection operators keep raising t
 error. Where torchvision works, the function does nothing. Every sthisto module that imports
 timm or torchvision goes through :func:`import_timm` / :func:`import_torchvision`, and the
 training engine calls :func:`ensure_torchvision` before importing Lightning (whose torchmetrics
-imports torchvision).
+imports torchvision). ``import sthisto`` installs a finder that runs it on the first import of
+torchvision by anyone, so a user's own ``import timm`` works too.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def ensure_torchvision() -> bool:
     already imported, already patched, or its operators load natively).
     """
     global _fallback_library
+    # The finder `import sthisto` installs would re-enter this function from find_spec below.
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_TorchvisionImportHook"]
     if _fallback_library is not None or "torchvision" in sys.modules:
         return False
     spec = importlib.util.find_spec("torchvision")
