@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 import traceback
@@ -455,14 +454,14 @@ def cmd_demo(args, progress: _Progress) -> int:
     shown = (ranked[:2] + [g for g in dependent if g not in ranked[:2]][:1])[:3] or list(model.genes)[:3]
     figures = ["gene_maps.png", "domain_map.png"]
     fig = pl.gene_maps(test, shown, layers=["observed", "predicted"], titles=["observed", "predicted"],
-                       save=out / "gene_maps.png", dpi=80)  # fmt: skip
+                       save=out / "gene_maps.png", dpi=80, return_fig=True)  # fmt: skip
     plt.close(fig)
     fig = pl.domain_maps(test, predicted="predicted", labels_key="label", seed=args.seed,
-                         save=out / "domain_map.png", dpi=80)  # fmt: skip
+                         save=out / "domain_map.png", dpi=80, return_fig=True)  # fmt: skip
     plt.close(fig)
     if len(model.history.get("train_loss", [])):
-        ax = pl.training_curves(model, save=out / "training_curves.png", dpi=80)
-        plt.close(ax.figure)
+        fig = pl.training_curves(model, save=out / "training_curves.png", dpi=80, return_fig=True)
+        plt.close(fig)
         figures.append("training_curves.png")
 
     overall = table[table["scope"] == "overall"].set_index("metric")["value"]
@@ -642,14 +641,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = bool(args.verbose)
     quiet = bool(args.quiet) and not verbose
     args.quiet = quiet
-    logger = logging.getLogger("sthisto")
-    handler = None
-    previous_level = logger.level
-    if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    from ._logging import settings
+
+    # The command prints its own progress; the library's per-call summaries only with --verbose.
+    previous_verbosity = settings.verbosity
+    settings.verbosity = "hint" if verbose else "warning"
     progress = _Progress(args.command, quiet)
     try:
         with warnings.catch_warnings():
@@ -669,9 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-            logger.setLevel(previous_level)
+        settings.verbosity = previous_verbosity
 
 
 if __name__ == "__main__":

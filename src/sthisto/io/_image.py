@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,12 @@ from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError
 from .._logging import logger
 from ._common import HIRES_MAX_SIDE, TIFF_SUFFIXES, image_size, thumbnail
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 LOWRES_MAX_SIDE = 600
 """Longest side of ``images['lowres']`` (scanpy's lowres size)."""
@@ -38,13 +45,13 @@ _UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "m
 
 
 def read_image(
-    path,
+    path: str | PathLike[str],
     *,
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
     lazy_fullres: bool = True,
     as_spatialdata: bool = False,
-):
+) -> AnnData | SpatialData:
     """Read an H&E image (JPEG, PNG, TIFF, pyramidal/OME-TIFF, SVS) lazily, without spots.
 
     Parameters

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._errors import InputError, KeyExistsError, MissingKeyError
 from .._logging import logger
 from .._validate import check_finite_tensors, manifest_fields, parse_json
+
+if TYPE_CHECKING:
+    from ..models._base import ExpressionModel
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -107,7 +110,7 @@ def _check_weights_shape(model, tensors: Mapping[str, Any], where: str, manifest
         )
 
 
-def load_model(path: str | Path):
+def load_model(path: str | Path) -> ExpressionModel:
     """Load a model saved with ``model.save(path)``.
 
     Checks the manifest (format, package version, method, genes) and that the weights fit the

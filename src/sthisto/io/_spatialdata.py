@@ -13,6 +13,7 @@ import copy
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,10 @@ from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._validate import checked_input
 from ._common import TIFF_SUFFIXES, image_size, median_spacing, names_list
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 SMALL_IMAGE_SIDE = 4000
 """Other images of a library no longer than this are loaded as plotting images (hires/lowres)."""
@@ -37,7 +42,7 @@ _ELEMENT_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def from_spatialdata(
-    sdata,
+    sdata: SpatialData,
     *,
     table_key: str | None = None,
     image_key: str | Mapping[str, str] | None = None,
@@ -45,7 +50,7 @@ def from_spatialdata(
     library_id: str | None = None,
     microns_per_pixel: float | Mapping[str, float] | None = None,
     spot_spacing_um: float | None = None,
-):
+) -> AnnData:
     """Convert a SpatialData object (image + circle shapes + table) into sthisto's AnnData.
 
     Parameters
@@ -454,13 +459,13 @@ def _assemble(table, region_key: str, instance_key: str, libraries: list[_Librar
 
 @checked_input
 def to_spatialdata(
-    adata,
+    adata: AnnData,
     *,
     library_ids: str | Sequence[str] | None = None,
     table_key: str = "table",
     region_key: str = REGION_KEY,
     instance_key: str = INSTANCE_KEY,
-):
+) -> SpatialData:
     """Convert sthisto's AnnData into a SpatialData object (images, circle shapes, one table).
 
     ``adata`` is not modified. Images stay lazy: a held ``fullres`` array is wrapped as is,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,11 @@ from ._common import (
     read_small_image,
     spatial_entry,
 )
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from anndata import AnnData
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 """Visium capture spots are 55 µm across ..."""
@@ -43,14 +49,14 @@ _BIN_DIR = re.compile(r"^square_(\d+)um$")
 
 
 def read_visium(
-    path,
+    path: str | PathLike[str],
     *,
     library_id: str | None = None,
     counts_file: str = "filtered_feature_bc_matrix.h5",
-    fullres_image_path=None,
+    fullres_image_path: str | PathLike[str] | None = None,
     bin_size: int | None = None,
     load_images: bool = True,
-):
+) -> AnnData:
     """Read a Space Ranger output folder (Visium or Visium HD) into the sthisto convention.
 
     Parameters

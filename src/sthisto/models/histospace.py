@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from torch.nn import functional as F
 
 from .._errors import InputError
 from .._images import ImageSource
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 TILE_SIZE = 128
 """Side of the tiles the paper trains on."""
@@ -533,7 +536,7 @@ def tissue_tiles(
 
 
 def pretrain_autoencoder(
-    adata,
+    adata: AnnData,
     *,
     libraries: Sequence[str] | None = None,
     patch_size_um: float | None = None,
@@ -543,7 +546,7 @@ def pretrain_autoencoder(
     lr: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
-    device="auto",
+    device: str = "auto",
     progress_bar: bool = True,
 ) -> HistoSPACEAutoencoder:
     """Train HistoSPACE's autoencoder self-supervised on tissue tiles of the user's slides.

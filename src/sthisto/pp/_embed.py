@@ -6,7 +6,7 @@ import hashlib
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,14 @@ from .._images import has_image
 from .._logging import logger
 from .._validate import checked_input
 from ._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from os import PathLike
+
+    from anndata import AnnData
+
+    from ..encoders._encoder import Encoder
 
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 256}
 """Patches per encoder call when ``batch_size=None``. On CPU, 8–16 was fastest for both the
@@ -63,25 +71,25 @@ def extra_key(key_added: str) -> str:
 
 @checked_input
 def embed(
-    adata,
+    adata: AnnData,
     *,
-    encoder="handcrafted",
+    encoder: str | Encoder | Callable[..., Any] = "handcrafted",
     patch_size_um: float | None = None,
     image_key: str | None = None,
     key_added: str | None = None,
     batch_size: int | None = None,
-    device="auto",
+    device: str = "auto",
     precision: str = "auto",
     num_workers: int = 0,
     extra_features: Sequence[str] = (),
     libraries: Sequence[str] | None = None,
-    weights=None,
+    weights: str | PathLike[str] | None = None,
     token: str | None = None,
     encoder_kwargs: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     overwrite: bool = False,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Embed every spot's image patch with an encoder.
 
     Patches of ``patch_size_um`` µm around each spot centre are cut lazily from each library's
@@ -576,7 +584,9 @@ def _plain(value):
     return value
 
 
-def histosge_features(adata, key: str = "X_uni", *, frame: Mapping[str, Sequence[float]] | None = None) -> np.ndarray:
+def histosge_features(
+    adata: AnnData, key: str = "X_uni", *, frame: Mapping[str, Sequence[float]] | None = None
+) -> np.ndarray:
     """HisToSGE's paper descriptor: the embedding with the spot's coordinates and RGB mean appended.
 
     Needs ``pp.embed(..., key_added=key, extra_features=("coords", "rgb_mean"))`` (any order).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,11 @@ from .._constants import Layers, Obs
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._validate import checked_input
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from numpy.typing import ArrayLike
+    from scipy.sparse import csr_matrix, sparray, spmatrix
 
 _FUNCTION = "normalize"
 
@@ -111,12 +116,12 @@ def check_counts(counts, *, spot_names: Sequence[str] | None = None, gene_names:
 
 
 def normalize_counts(
-    counts,
+    counts: ArrayLike | spmatrix | sparray,
     variant: Variant = "log10_1e4",
     *,
-    library_size=None,
+    library_size: ArrayLike | None = None,
     validate: bool = True,
-):
+) -> np.ndarray | csr_matrix:
     """Apply a method's target transform to a count matrix, without AnnData.
 
     ``value = log(1 + counts / library_size × scale)``, and 0 for every gene of a spot whose
@@ -188,7 +193,7 @@ def _log_transform(scaled: np.ndarray, spec: dict) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def size_factors(library_size, groups=None) -> np.ndarray:
+def size_factors(library_size: ArrayLike, groups: ArrayLike | None = None) -> np.ndarray:
     """Library size divided by its median within each group (section), for count losses.
 
     The median is taken over spots with a positive library size, so that a section with many
@@ -218,7 +223,7 @@ def size_factors(library_size, groups=None) -> np.ndarray:
 
 @checked_input(genes=True)
 def normalize(
-    adata,
+    adata: AnnData,
     *,
     variant: Variant = "log10_1e4",
     genes: str | Sequence[str] | None = None,
@@ -226,7 +231,7 @@ def normalize(
     key_added: str = Layers.NORMALIZED,
     copy: bool = False,
     overwrite: bool = False,
-):
+) -> AnnData | None:
     """Write a method's target transform of the counts into a new layer, with size factors.
 
     The layer covers every gene of ``var``; a model trains on the selected genes only. For

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,11 @@ from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._validate import checked_input
 from ..pp._patches import library_ids
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..models._base import ExpressionModel
 
 _FUNCTION = "cross_validate"
 SPLITS = {
@@ -349,11 +354,11 @@ def _run_tasks(adata, tasks: list[_Task], *, n_jobs: int, devices: list | None, 
 # --- the public function ----------------------------------------------------------------------------
 @checked_input(genes=True)
 def cross_validate(
-    adata,
-    method,
+    adata: AnnData,
+    method: str | type[ExpressionModel] | Sequence[str | type[ExpressionModel]],
     *,
     split: str = "section",
-    folds=None,
+    folds: Sequence[str] | float | None = None,
     key_added: str | None = None,
     seed: int = 0,
     genes: Sequence[str] | str | Callable | None = None,

@@ -18,6 +18,7 @@ every rank returns the full result.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,15 +31,23 @@ import lightning.pytorch as pl  # noqa: E402
 from .._errors import InputError  # noqa: E402
 from .._validate import checked_input  # noqa: E402
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from os import PathLike
+
+    from anndata import AnnData
+
+    from ..models._base import ExpressionModel
+
 
 @checked_input(genes=True)
 def predict_distributed(
-    adata,
-    model,
+    adata: AnnData,
+    model: str | PathLike[str] | ExpressionModel,
     *,
     key_added: str | None = None,
     accelerator: str = "auto",
-    devices="auto",
+    devices: int | str | Sequence[int] = "auto",
     strategy: str = "ddp",
     num_nodes: int = 1,
     num_workers: int = 0,
@@ -46,7 +55,7 @@ def predict_distributed(
     progress_bar: bool = False,
     overwrite: bool = False,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Predict expression on many slides or one huge slide with several processes, GPUs or nodes.
 
     Parameters

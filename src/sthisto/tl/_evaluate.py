@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,9 @@ from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._validate import checked_input
 from ..encoders._provenance import with_weights_columns
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 _FUNCTION = "evaluate"
 _CROSS_VALIDATE = "cross_validate"
@@ -634,7 +637,7 @@ def _evaluated_genes(adata, predicted: str, genes) -> list[str]:
 
 @checked_input(genes=True)
 def evaluate(
-    adata,
+    adata: AnnData,
     *,
     predicted: str,
     observed: str | None = None,
@@ -650,7 +653,7 @@ def evaluate(
     seed: int = 0,
     copy: bool = False,
     overwrite: bool = False,
-):
+) -> pd.DataFrame | AnnData:
     """Score predicted against observed expression per section and overall, recording the protocol.
 
     Definitions of every metric are in the Notes below and stored with the numbers
@@ -997,7 +1000,7 @@ def _protocol(function: str | None, entry: dict | None, groups: list[str]) -> di
 
 
 @checked_input
-def get_metrics(adata, key: str, *, per_gene: bool = False, function: str | None = None) -> pd.DataFrame:
+def get_metrics(adata: AnnData, key: str, *, per_gene: bool = False, function: str | None = None) -> pd.DataFrame:
     """Read a stored metrics table back as a DataFrame.
 
     Parameters

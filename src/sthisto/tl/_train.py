@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,14 @@ from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._validate import align_train_mask, check_finite_tensors, check_max_epochs, checked_input
 from ..pp._patches import library_ids
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from anndata import AnnData
+    from numpy.typing import ArrayLike
+
+    from ..models._base import ExpressionModel
 
 SELECTED_GENES_KEY = "sthisto_selected"
 """Default ``var`` column written by :func:`sthisto.pp.select_genes`; ``train`` uses it when present."""
@@ -159,21 +167,21 @@ def _targets(adata, index, genes, *, layer, variant, need_counts):
 
 @checked_input(genes=True)
 def train(
-    adata,
-    method="thitogene",
+    adata: AnnData,
+    method: str | type[ExpressionModel] = "thitogene",
     *,
     genes: Sequence[str] | str | None = None,
     layer: str | None = None,
-    train_mask=None,
+    train_mask: ArrayLike | Sequence[str] | None = None,
     key_added: str | None = None,
     max_epochs: int | None = None,
-    device="auto",
+    device: str = "auto",
     seed: int = 0,
-    validation=None,
+    validation: float | Sequence[str] | None = None,
     early_stopping: int | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
-    devices=None,
+    devices: int | str | Sequence[int] | None = None,
     strategy: str = "auto",
     num_nodes: int = 1,
     precision: str | None = None,
@@ -181,7 +189,7 @@ def train(
     store: bool = True,
     overwrite: bool = False,
     **method_params: Any,
-):
+) -> ExpressionModel:
     """Train a method on the spots of ``adata`` and store the trained model in ``uns``.
 
     Parameters
@@ -349,11 +357,11 @@ def store_model(adata, model, *, key_added: str, overwrite: bool = False) -> Non
     if key_added in models and not overwrite:
         raise InputError(f"adata.uns['sthisto']['models'][{key_added!r}] already exists; pass overwrite=True.")
     models[key_added] = model.to_record()
-    logger.info("added adata.uns['sthisto']['models'][%r]", key_added)
+    logger.info("train: added uns['sthisto']['models'][%r]", key_added)
 
 
 @checked_input
-def get_model(adata, key: str):
+def get_model(adata: AnnData, key: str) -> ExpressionModel:
     """Rebuild the model stored under ``adata.uns['sthisto']['models'][key]``.
 
     Parameters
@@ -400,14 +408,14 @@ def _resolve_model(adata, model):
 
 @checked_input(genes=True)
 def predict(
-    adata,
-    model,
+    adata: AnnData,
+    model: str | PathLike[str] | ExpressionModel,
     *,
     key_added: str | None = None,
-    device="auto",
+    device: str = "auto",
     overwrite: bool = False,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Predict expression with a trained model, streaming each section in bounded pieces.
 
     Sections are never loaded whole: per-spot methods read patches one batch at a time;
