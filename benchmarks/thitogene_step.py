@@ -110,7 +110,6 @@ def _naive_class():
         n = x.shape[0]
         q, k, v = module.to_qkv(x).view(n, 3, module.heads, module.dim_head).permute(1, 2, 0, 3)
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(module.dim_head), dim=-1)
-        weights = F.dropout(weights, module.attn_dropout, module.training)
         out = (weights @ v).transpose(0, 1).reshape(n, -1)
         return module.out_dropout(module.to_out(out))
 

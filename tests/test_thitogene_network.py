@@ -12,16 +12,10 @@ from torch.nn import functional as F
 
 from sthisto._errors import InputError
 from sthisto.models.layers import graph_attention as gat_module
-from sthisto.models.layers import transformer as transformer_module
 from sthisto.models.layers.capsules import SelfAttentionRouting, norm_relu_conv, squash
 from sthisto.models.layers.graph_attention import EdgeGraph, GraphAttention, _EdgeAggregate, segment_softmax
 from sthisto.models.layers.odconv import ODConv2d
-from sthisto.models.layers.transformer import (
-    _BlockwiseDropoutAttention,
-    dropout,
-    keep_mask,
-    quantised_keep,
-)
+from sthisto.models.layers.transformer import dropout, keep_mask, quantised_keep
 from sthisto.models.thitogene import THItoGeneNet
 
 
@@ -359,58 +353,22 @@ def test_fused_norm_relu_conv_equals_the_modules():
 
 
 # --- attention with dropout on the CPU, dropout masks -----------------------------------------------
-def test_blockwise_dropout_attention(monkeypatch):
-    monkeypatch.setattr(transformer_module, "_ATTENTION_BLOCK_ELEMENTS", 2 * 4 * 7)  # 2 query blocks
-    torch.manual_seed(10)
-    q, k, v = (torch.randn(2, 2, 7, 3, dtype=torch.double, requires_grad=True) for _ in range(3))
-    mask = torch.rand(2, 7) > 0.3
-    mask[:, 0] = True
-
-    def seeded(mask):
-        def run(q, k, v):
-            torch.manual_seed(1)
-            return _BlockwiseDropoutAttention.apply(q, k, v, mask, 0.3)
-
-        return run
-
-    assert torch.autograd.gradcheck(seeded(mask), (q, k, v))
-    assert torch.autograd.gradcheck(seeded(None), (q, k, v))
-    # Without dropout it is ordinary attention.
-    exact = _BlockwiseDropoutAttention.apply(q, k, v, mask, 0.0)
-    torch.testing.assert_close(exact, F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]))
-    # With dropout it is unbiased: average many independent draws (copies of one head).
-    monkeypatch.setattr(transformer_module, "_ATTENTION_BLOCK_ELEMENTS", 1 << 22)
-    with torch.no_grad():
-        many = [t[:1, :1].expand(1, 4000, -1, -1) for t in (q, k, v)]
-        mean = _BlockwiseDropoutAttention.apply(*many, None, 0.5).mean(1, keepdim=True)
-    expected = F.scaled_dot_product_attention(q[:1, :1], k[:1, :1], v[:1, :1])
-    torch.testing.assert_close(mean, expected, atol=0.08, rtol=0)
-    # A query whose keys are all masked gets zeros and no NaN gradient.
-    none = mask.clone()
-    none[0] = False
-    monkeypatch.setattr(transformer_module, "_ATTENTION_BLOCK_ELEMENTS", 2 * 4 * 7)
-    out = _BlockwiseDropoutAttention.apply(q, k, v, none, 0.2)
-    out.sum().backward()
-    assert torch.all(out[0] == 0) and torch.isfinite(q.grad).all()
-
-
-def test_transformer_uses_the_blockwise_kernel_in_cpu_training(monkeypatch):
+def test_attention_weights_are_not_dropped_in_training():
+    """Dropout acts after the output projection only (papers and authors' code), not on the weights."""
     from sthisto.models.layers.transformer import MultiHeadSelfAttention
 
-    calls = []
-
-    class Spy:
-        @staticmethod
-        def apply(*args):
-            calls.append(args[3] is None)
-            return _BlockwiseDropoutAttention.apply(*args)
-
-    monkeypatch.setattr(transformer_module, "_BlockwiseDropoutAttention", Spy)
-    attention = MultiHeadSelfAttention(16, heads=2, dim_head=8, dropout=0.2)
+    torch.manual_seed(10)
+    attention = MultiHeadSelfAttention(16, heads=2, dim_head=8, dropout=0.5)
     x = torch.randn(1, 30, 16)
-    attention.train()(x).sum().backward()
-    attention.eval()(x)
-    assert calls == [True]  # training only; evaluation uses the fused kernel
+    expected = attention.eval()(x)
+    trained = attention.train()(x)
+    kept = trained != 0
+    assert 0.3 < kept.float().mean() < 0.7
+    # Every kept value is the evaluation value rescaled: nothing upstream of the projection changed.
+    torch.testing.assert_close(trained[kept], expected[kept] / quantised_keep(0.5))
+    with torch.no_grad():
+        attention.out_dropout.p = 0.0
+        torch.testing.assert_close(attention.train()(x), expected)
 
 
 def test_keep_mask_and_dropout():

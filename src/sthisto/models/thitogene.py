@@ -10,7 +10,8 @@ Per section of ``N`` spots (one section = one batch):
 3. **Tokens**: the 20 capsules plus an x and a y position token (64-d each, learnable tables),
    concatenated: 22 × 64 = 1408 values per spot; token dropout 0.2.
 4. **Transformer** over the section's spots: 4 pre-LayerNorm blocks (cSCC: 8), 16 heads × 64,
-   MLP 2048, GELU, dropout 0.2, no CLS token, no final norm.
+   MLP 2048, GELU, dropout 0.2 after the attention projection and in the MLP (none on the
+   attention weights), no CLS token, no final norm.
 5. **Graph attention** on the directed 4-NN graph (no self-loops): 8 heads × 1024, ELU,
    concatenated → 8192; one head 8192 → 512, ELU. LeakyReLU 0.01 in the scores, dropout 0.2
    on inputs and attention, softmax over each spot's neighbours (paper eqs. 13–16).
@@ -224,10 +225,9 @@ class THItoGeneNet(nn.Module):
       input and recomputes normalisation and ReLU in the backward pass
       (:func:`~sthisto.models.layers.capsules.norm_relu_conv`); the dynamic convolution keeps
       the uint8 patches, not their float copy. About half the conv-stack memory.
-    * *Attention.* Self-attention never stores ``N × N`` per head: PyTorch's fused kernel
-      without dropout (evaluation) or on GPUs; on the CPU in training, where PyTorch's fused
-      kernel refuses dropout and its fallback stores three ``heads × N × N`` tensors per
-      layer, a blockwise kernel that recomputes scores and dropout masks in the backward pass
+    * *Attention.* Self-attention never stores ``N × N`` per head: the attention weights are
+      not dropped (as in the paper and the authors' code; dropout follows the output
+      projection), so PyTorch's fused kernel serves training and evaluation on CPU and GPU
       (:mod:`sthisto.models.layers.transformer`). Dropout masks are kept as booleans.
     * *Recomputing wide layers.* Sections above ``checkpoint_above`` spots (default 2048)
       also recompute each transformer block and the 8192-wide graph-attention layer in the
