@@ -122,7 +122,8 @@ class GradientEnhancement(nn.Module):
         super().__init__()
         self.plain = nn.Sequential(nn.Conv2d(3, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), _activation(activation))
         self.central = nn.Sequential(
-            CentralDifferenceConv2d(3, 3, stride=2, theta=theta, kernel=kernel),
+            # Without a bias, as in the authors' module (GEM: 168 parameters); BN follows anyway.
+            CentralDifferenceConv2d(3, 3, stride=2, theta=theta, kernel=kernel, bias=False),
             nn.BatchNorm2d(3),
             _activation(activation),
         )
