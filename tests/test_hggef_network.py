@@ -17,6 +17,8 @@ from sthisto.models.hggef import (
     HGGEFNet,
     augment_patches,
     hggef_loss,
+    sample_augmentations,
+    self_distillation_loss,
 )
 from sthisto.models.layers.central_difference import CentralDifferenceConv2d
 from sthisto.models.layers.hypergraph import HypergraphAssociation, build_hyperedges, incidence_scores
@@ -285,13 +287,66 @@ def test_distillation_outputs_in_training(section):
     net = _tiny(distillation=True, n_views=2, checkpointing=True, chunk_size=16).train()
     out = net(section["patches"], section["positions"], section["edge_index"])
     n = section["patches"].shape[0]
-    assert out["view_predictions"].shape == (3, n, N_GENES)
+    assert out["view_predictions"].shape == (2, n, N_GENES)  # the augmented views only
     torch.testing.assert_close(out["view_weights"].sum(0), torch.ones(n))
-    torch.testing.assert_close(out["view_predictions"][0], out["prediction"])
     losses = hggef_loss(out, section)
     assert losses["distillation"] > 0
     losses["loss"].backward()
     assert net.view_weight[0].weight.grad.abs().sum() > 0  # the weight head learns
+
+
+def test_self_distillation_is_the_codes_term_by_hand():
+    # Two views, two spots, one gene: weighted views' prediction against the main prediction.
+    views = torch.tensor([[[1.0], [4.0]], [[3.0], [0.0]]])
+    weights = torch.tensor([[0.25, 0.5], [0.75, 0.5]])
+    prediction = torch.tensor([[2.0], [1.0]], requires_grad=True)
+    loss = self_distillation_loss(views, weights, prediction)
+    # weighted: spot 0 → 0.25·1 + 0.75·3 = 2.5, spot 1 → 0.5·4 + 0.5·0 = 2; (0.5² + 1²) / 2
+    torch.testing.assert_close(loss, torch.tensor(0.625))
+    loss.backward()  # not detached: the main prediction is pulled towards the views too
+    torch.testing.assert_close(prediction.grad, torch.tensor([[-0.5], [-1.0]]))
+    # The term enters HGGEF's loss with weight 0.5 beside MSE (and ZINB, off here).
+    outputs = {"prediction": prediction.detach(), "view_predictions": views, "view_weights": weights}
+    target = torch.tensor([[2.0], [3.0]])
+    losses = hggef_loss(outputs, {"target": target}, zinb_weight=0.0)
+    torch.testing.assert_close(losses["loss"], torch.tensor(2.0 + 0.5 * 0.625))
+
+
+def test_one_augmentation_draw_per_view_for_the_whole_section():
+    generator = torch.Generator().manual_seed(0)
+    draws = [sample_augmentations(7, generator=generator) for _ in range(200)]
+    for params in draws:
+        assert params.shape == (7, 3) and torch.equal(params, params[:1].expand(7, 3))
+    angles = torch.stack([params[0, 1] for params in draws])
+    assert angles.min() >= -90 and angles.max() <= 90 and angles.std() > 30
+    grayscale = torch.stack([params[0, 0] for params in draws]).mean()
+    flips = torch.stack([params[0, 2] for params in draws]).mean()
+    assert 0.03 < grayscale < 0.2 and 0.1 < flips < 0.3
+
+
+def test_training_schedule_is_the_papers():
+    from sthisto.models.hggef import HGGEF
+
+    model = HGGEF([f"g{i}" for i in range(N_GENES)], network_params=dict(TINY_CONFIG))
+    assert model.training_params["lr"] == 1e-5 and model.training_params["max_epochs"] == 400
+    optimiser = model.configure_optimizers(model.network)
+    assert isinstance(optimiser, torch.optim.Adam)  # no scheduler: the rate stays 1e-5
+    assert optimiser.param_groups[0]["lr"] == 1e-5
+
+
+def test_reference_variant_runs_the_codes_500_epochs():
+    import sthisto
+    from sthisto.models.hggef import HGGEF
+
+    adata = sthisto.datasets.synthetic(n_sections=1, n_spots=20, n_genes=4, seed=0)
+    genes = list(adata.var_names)
+    train_index = np.arange(adata.n_obs)
+    reference = HGGEF.configure(
+        adata, genes=genes, train_index=train_index, params={**TINY_CONFIG, "variant": "reference"}
+    )
+    paper = HGGEF.configure(adata, genes=genes, train_index=train_index, params=dict(TINY_CONFIG))
+    assert reference.training_params["max_epochs"] == 500 and paper.training_params["max_epochs"] == 400
+    assert isinstance(reference.configure_optimizers(reference.network), torch.optim.Adam)
 
 
 def test_chunked_forward_equals_whole_section(section):
