@@ -124,7 +124,10 @@ def _naive_class():
             )
             e = torch.where(adjacency, e, torch.full_like(e, -9e15))
             alpha = F.dropout(torch.softmax(e, dim=1), module.dropout, module.training)
-            heads.append(alpha @ wh)
+            aggregate = alpha @ wh
+            if module.self_term:  # paper eq. (16)
+                aggregate = torch.cat([wh, aggregate], dim=1) @ module.self_weight[h].t() + module.self_bias[h]
+            heads.append(aggregate)
         return torch.cat(heads, dim=1) if module.concat else torch.stack(heads).mean(0)
 
     class NaiveTHItoGeneNet(THItoGeneNet):

@@ -40,10 +40,27 @@ def n_parameters(module: torch.nn.Module) -> int:
 
 
 # --- the network ------------------------------------------------------------------------------
-def test_parameter_counts_match_the_authors_modules():
-    assert n_parameters(THItoGeneNet(785)) == 63_586_712
-    assert n_parameters(THItoGeneNet(171, depth=8)) == 109_136_690
-    assert n_parameters(THItoGeneNet(785, variant="reference")) == 63_586_712
+# Paper eq. (16) adds, per head of both graph-attention layers, ω_h (width, 2·width) and β_h:
+# 8 · (1024 · 2048 + 1024) + (512 · 1024 + 512) = 17,310,208 parameters.
+EQ16_PARAMETERS = 8 * (1024 * 2048 + 1024) + (512 * 1024 + 512)
+
+
+def test_parameter_counts():
+    with torch.device("meta"):
+        reference = THItoGeneNet(785, variant="reference")
+        reference_cscc = THItoGeneNet(171, depth=8, variant="reference")
+        paper = THItoGeneNet(785)
+        paper_cscc = THItoGeneNet(171, depth=8)
+    # The authors' modules (neighbour aggregate only).
+    assert n_parameters(reference) == 63_586_712
+    assert n_parameters(reference_cscc) == 109_136_690
+    # The paper default: the same plus eq. (16)'s weights and biases.
+    assert EQ16_PARAMETERS == 17_310_208
+    assert n_parameters(paper) == 80_896_920 == 63_586_712 + EQ16_PARAMETERS
+    assert n_parameters(paper_cscc) == 126_446_898 == 109_136_690 + EQ16_PARAMETERS
+    assert n_parameters(paper.gat) - n_parameters(reference.gat) == 8 * (1024 * 2048 + 1024)
+    assert n_parameters(paper.gat_out) - n_parameters(reference.gat_out) == 512 * 1024 + 512
+    assert n_parameters(THItoGeneNet(785, variant="reference", gat_self_term=True)) == 80_896_920
 
 
 def test_contract_and_output_shape():
@@ -219,7 +236,7 @@ def test_recomputed_transformer_and_graph_attention_match_stored():
 
 # --- graph attention ----------------------------------------------------------------------------
 def dense_gat(layer: GraphAttention, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-    """Paper eqs. (13)-(16) with an explicit N × N adjacency (no dropout)."""
+    """Paper eqs. (13)-(16) with an explicit N × N adjacency (no dropout); eq. (16) if the layer has it."""
     n = x.shape[0]
     adjacency = torch.zeros(n, n, dtype=torch.bool)
     adjacency[edge_index[1], edge_index[0]] = True  # row: target i, column: neighbour j
@@ -231,25 +248,38 @@ def dense_gat(layer: GraphAttention, x: torch.Tensor, edge_index: torch.Tensor) 
         pair = torch.cat([wh[:, None, :].expand(n, n, -1), wh[None, :, :].expand(n, n, -1)], dim=-1)
         e = F.leaky_relu(pair @ a, layer.negative_slope)
         alpha = torch.softmax(e.masked_fill(~adjacency, -math.inf), dim=1).nan_to_num(0.0)
-        heads.append(alpha @ wh)
+        aggregate = alpha @ wh
+        if layer.self_term:  # eq. (16): ω [W h_i ‖ aggregate_i] + β
+            aggregate = torch.cat([wh, aggregate], dim=1) @ layer.self_weight[h].T + layer.self_bias[h]
+        heads.append(aggregate)
     return torch.cat(heads, dim=1) if layer.concat else torch.stack(heads).mean(0)
 
 
-def test_graph_attention_equals_the_dense_equations():
+@pytest.mark.parametrize("self_term", [False, True])
+def test_graph_attention_equals_the_dense_equations(self_term):
     torch.manual_seed(5)
     n = 9
     src = torch.tensor([1, 2, 3, 0, 4, 5, 6, 7, 8, 2, 1, 0, 5])
     dst = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 8])  # node 8 has one neighbour; all have ≥ 1
     edge_index = torch.stack([src, dst])
     edge_index_no_in = edge_index[:, dst != 4]  # node 4 then has no incoming edge
-    first = GraphAttention(6, 5, heads=3, concat=True, negative_slope=0.01).double().eval()
-    second = GraphAttention(15, 4, heads=1, concat=False, negative_slope=0.01).double().eval()
+    first = GraphAttention(6, 5, heads=3, concat=True, negative_slope=0.01, self_term=self_term).double().eval()
+    second = GraphAttention(15, 4, heads=1, concat=False, negative_slope=0.01, self_term=self_term).double().eval()
+    if self_term:
+        with torch.no_grad():
+            first.self_bias.normal_()  # zero-initialised; make the bias visible to the comparison
     x = torch.randn(n, 6, dtype=torch.double)
     for edges in (edge_index, edge_index_no_in):
         hidden = F.elu(first(x, edges))
         torch.testing.assert_close(hidden, F.elu(dense_gat(first, x, edges)))
         torch.testing.assert_close(F.elu(second(hidden, edges)), F.elu(dense_gat(second, hidden, edges)))
-    assert torch.all(first(x, edge_index_no_in)[4] == 0)  # no neighbours: zero message
+    isolated = first(x, edge_index_no_in)[4].view(3, 5)  # node 4 without neighbours
+    if self_term:  # its own feature still enters: ω_h[:, :width] W_h x_4 + β_h
+        own = (first.lin.weight @ x[4]).view(3, 5)
+        expected = torch.einsum("hc,hoc->ho", own, first.self_weight[..., :5]) + first.self_bias
+        torch.testing.assert_close(isolated, expected)
+    else:
+        assert torch.all(isolated == 0)  # the neighbour aggregate alone: zero
     _, alpha = first(x, edge_index, return_attention=True)
     sums = torch.zeros(n, 3, dtype=torch.double).index_add(0, dst, alpha)
     torch.testing.assert_close(sums, torch.ones(n, 3, dtype=torch.double))
