@@ -214,7 +214,7 @@ class THItoGeneNet(nn.Module):
     projections without bias terms and with one ``(2 · width)`` attention vector per head —
     the parameterisation that reproduces the authors' counts. Eq. 16's "own feature" is read
     as the head's projection ``W_h x_i`` of the layer input, with one ``ω_h``, ``β_h`` per head
-    (the equation does not say how heads share them). A spot without incoming edges (a
+    (how heads share them is sthisto's choice). A spot without incoming edges (a
     section of ≤ 1 spot, or a graph that leaves a spot out) receives a zero neighbour
     aggregate: with eq. 16 its output still carries its own feature; in the reference its
     prediction depends on its transformer token only through the head's biases. kNN graphs
