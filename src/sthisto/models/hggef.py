@@ -242,8 +242,8 @@ class HGGEFNet(nn.Module):
     5. **Three transformers**, one per stage (pre-LN, ``depth`` blocks, GELU MLP of width
        ``mlp_dim``, dropout), attending across the section's spots.
     6. **Hypergraph association** (:class:`~sthisto.models.layers.hypergraph.HypergraphAssociation`)
-       on the sum of the three transformer outputs: each spot plus its ``hypergraph_k``
-       chosen spots form a hyperedge; two ``HypergraphConv`` (``dim → dim/2 → ReLU →
+       on the sum of the three transformer outputs: hyperedges from feature (and position)
+       proximity, by the paper's or the code's rule; two ``HypergraphConv`` (``dim → dim/2 → ReLU →
        LayerNorm → dropout 0.5 → dim``) with residual.
     7. **LSTM** (``lstm_layers``, width ``dim``) over the sequence [stage4, conv5, pooled conv5,
        hypergraph]; outputs averaged over the four steps.
@@ -277,12 +277,14 @@ class HGGEFNet(nn.Module):
     hypergraph_hidden
         Width between the two hypergraph convolutions (``dim // 2``).
     hypergraph_k
-        Members chosen per hyperedge besides the defining spot (3).
+        HGGEF's K (3): members added to each spot's hyperedge (paper rule), or one less than
+        the hyperedges each spot joins (reference rule).
     hypergraph_dropout
         Dropout between the hypergraph convolutions (0.5), training mode only.
     hypergraph_rule
-        *(variant)* ``"nearest"`` (paper: smallest incidence scores among all spots) or
-        ``"reference"`` (largest scores among ``edge_index`` neighbours, per-pair weights).
+        *(variant)* ``"nearest"`` (paper: each spot plus its K smallest incidence scores among
+        all spots) or ``"reference"`` (the code: adjacency and feature distance, each over its
+        row sum; each spot joins the hyperedges of its K + 1 largest scores; per-pair weights).
     theta
         Central-difference weight (0.7).
     cdc_kernel
@@ -349,9 +351,12 @@ class HGGEFNet(nn.Module):
       zero frame before BN); default padding 0 (56 × 56). The trunk output stays 4 × 4.
     - *Heads*: the paper says 8 attention heads; the code uses 16 × 64. Default 8 × 128 (same
       width and parameters).
-    - *Hypergraph node rule*: the paper takes each spot's K = 3 nearest spots (smallest
-      score); the code takes the largest scores among its spatial-graph neighbours (the most
-      dissimilar neighbours).
+    - *Hypergraph rule*: the paper's hyperedge is a spot and its K = 3 nearest spots (smallest
+      Norm(feature distance) + Norm(position distance)). The code scores spot ``i`` against
+      every spot ``j`` by ``A[i, j] / Σ A[i, ·] + d(i, j) / Σ d(i, ·)`` (spatial adjacency and
+      feature distance, positions unused), takes the K + 1 = 4 *largest*, and puts ``i`` into
+      hyperedge ``j`` for each of them (see
+      :func:`~sthisto.models.layers.hypergraph.build_hyperedges`).
     - *Hypergraph weights*: the code passes one weight per (spot, member) pair where
       ``HypergraphConv`` expects one per hyperedge, so hyperedge ``j`` gets the ``j``-th pair's
       score. Default: unit hyperedge weights. (``HypergraphConv`` only uses weights in its

@@ -1,9 +1,9 @@
 """HGGEF's hypergraph association module: hyperedges from feature + position proximity.
 
-Every spot ``i`` defines one hyperedge: ``i`` itself plus ``k`` other spots chosen by the
-incidence score ``s(i, j) = Norm(‖f_i − f_j‖) + Norm(‖p_i − p_j‖)`` (features ``f``, grid
-positions ``p``; ``Norm`` divides by the largest distance of the section, i.e. min–max
-normalisation, the minimum being the zero self-distance). Two hypergraph convolutions
+In the paper, every spot ``i`` defines one hyperedge: ``i`` itself plus ``k`` other spots
+chosen by the incidence score ``s(i, j) = Norm(‖f_i − f_j‖) + Norm(‖p_i − p_j‖)`` (features
+``f``, grid positions ``p``; ``Norm`` divides by the largest distance of the section, i.e.
+min–max normalisation, the minimum being the zero self-distance). Two hypergraph convolutions
 (torch-geometric's :class:`~torch_geometric.nn.HypergraphConv`) with a residual connection
 then mix each spot's features with those of the spots sharing its hyperedges.
 
@@ -239,9 +239,9 @@ class HypergraphAssociation(nn.Module):
     hidden
         Width between the two convolutions (HGGEF: 512).
     k
-        Members per hyperedge besides the defining spot (HGGEF: 3).
+        HGGEF's K (3), see :func:`build_hyperedges`.
     rule
-        Member selection, ``"nearest"`` (paper) or ``"reference"`` (authors' code).
+        Hyperedge construction, ``"nearest"`` (paper) or ``"reference"`` (authors' code).
     dropout
         Dropout between the convolutions (HGGEF: 0.5); active in training mode only.
     max_entries
