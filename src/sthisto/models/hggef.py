@@ -88,7 +88,7 @@ def _activation(name: str) -> nn.Module:
         return nn.ReLU(inplace=True)
     if name == "relu6":
         return nn.ReLU6(inplace=True)
-    raise InputError(f"gem_activation={name!r}; use 'relu' (paper default) or 'relu6' (reference).")
+    raise InputError(f"gem_activation={name!r}; use 'relu' (default) or 'relu6' (reference).")
 
 
 class GradientEnhancement(nn.Module):
@@ -291,9 +291,10 @@ class HGGEFNet(nn.Module):
         ``"cross"`` plus-shaped (default in both variants: the paper does not fix the
         neighbourhood, the authors' code uses it) or ``"full"`` 3 × 3 (CDCN).
     gem_activation
-        *(variant)* ``"relu"`` (paper default, see notes) or ``"relu6"`` (reference).
+        *(variant)* ``"relu"`` (default; the paper does not say, see notes) or ``"relu6"``
+        (reference).
     gem_fuse_padding
-        *(variant)* padding of the GEM 1 × 1 convolution: 0 (paper) or 1 (reference).
+        *(variant)* padding of the GEM 1 × 1 convolution: 0 (default) or 1 (reference).
     distillation
         *(variant)* compute the self-distillation views in training mode: off for the paper,
         on for the reference.
@@ -400,7 +401,7 @@ class HGGEFNet(nn.Module):
     --------
     >>> from sthisto.models.hggef import HGGEFNet, TINY_CONFIG
     >>> net = HGGEFNet(50, **TINY_CONFIG)  # small, for tests
-    >>> full = HGGEFNet(785, backbone_weights=None)  # the paper's network, random trunk
+    >>> full = HGGEFNet(785, backbone_weights=None)  # the default network, random trunk
     """
 
     input_keys = ("patches", "positions", "edge_index")
