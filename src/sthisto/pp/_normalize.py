@@ -27,18 +27,21 @@ if TYPE_CHECKING:
 
 _FUNCTION = "normalize"
 
-Variant = Literal["log10_1e4", "ln_1e6", "log1p_1e4_total"]
+Variant = Literal["log10_1e4", "ln_1e6", "log1p_1e4_total", "log10_1e4_total"]
 
 VARIANTS: dict[str, dict] = {
     "log10_1e4": {"scale": 1e4, "log": "log10", "denominator": "selected"},
     "ln_1e6": {"scale": 1e6, "log": "ln", "denominator": "selected"},
     "log1p_1e4_total": {"scale": 1e4, "log": "ln", "denominator": "total"},
+    "log10_1e4_total": {"scale": 1e4, "log": "log10", "denominator": "total"},
 }
 """Each variant's scale, logarithm and which genes its per-spot denominator sums over.
 
 - ``log10_1e4``: THItoGene / HGGEF released code and results (default).
 - ``ln_1e6``: the THItoGene paper's text.
 - ``log1p_1e4_total``: HisToSGE, scanpy's ``normalize_total(1e4)`` over all genes + ``log1p``.
+- ``log10_1e4_total``: the HistoSPACE authors' code (scprep's library-size normalisation to
+  1e4 over all genes, then ``log10(1 + x)``).
 """
 
 
@@ -135,11 +138,12 @@ def normalize_counts(
         ``"log10_1e4"`` (THItoGene/HGGEF released code, default): scale 1e4, ``log10``.
         ``"ln_1e6"`` (THItoGene paper text): scale 1e6, natural log.
         ``"log1p_1e4_total"`` (HisToSGE, scanpy): scale 1e4, natural log.
+        ``"log10_1e4_total"`` (HistoSPACE authors' code): scale 1e4, ``log10``.
     library_size
         Per-spot denominator, shape ``(n_spots,)``. Default: the row sums of ``counts``, which is
         the right denominator for ``log10_1e4``/``ln_1e6`` when ``counts`` holds the selected
-        genes. For ``log1p_1e4_total`` pass the total over *all* genes when ``counts`` is a
-        subset.
+        genes. For ``log1p_1e4_total`` and ``log10_1e4_total`` pass the total over *all* genes
+        when ``counts`` is a subset.
     validate
         Check for NaN/infinite/negative values (see :func:`check_counts`).
 
@@ -239,8 +243,8 @@ def normalize(
     genes' counts, and non-selected genes are scaled by the same denominator (so the selected
     genes' values are exactly the methods' target and the other genes are on the same scale).
     For ``"log1p_1e4_total"`` the denominator is the total over all genes (scanpy's
-    :func:`~scanpy.pp.normalize_total` with ``target_sum=1e4``, then :func:`~scanpy.pp.log1p`).
-    A spot whose denominator is 0 stays all-zero. Sparse counts give a sparse layer.
+    :func:`~scanpy.pp.normalize_total` with ``target_sum=1e4``, then :func:`~scanpy.pp.log1p`);
+    ``"log10_1e4_total"`` uses the same denominator with ``log10``. A spot whose denominator is 0 stays all-zero. Sparse counts give a sparse layer.
 
     Parameters
     ----------
@@ -250,7 +254,8 @@ def normalize(
         ``"log10_1e4"`` (default; THItoGene and HGGEF released code and results): selected-gene
         counts / their sum × 1e4, then ``log10(1 + x)``. ``"ln_1e6"`` (THItoGene paper text):
         × 1e6, natural log. ``"log1p_1e4_total"`` (HisToSGE): ``normalize_total(1e4)`` over all
-        genes, then natural ``log1p``.
+        genes, then natural ``log1p``. ``"log10_1e4_total"`` (HistoSPACE authors' code): the
+        same denominator and scale, then ``log10(1 + x)``.
     genes
         The selected genes: ``None`` (all genes of ``var``), the name of a boolean ``var``
         column (e.g. ``"sthisto_selected"`` written by :func:`select_genes`), or a list of
@@ -294,8 +299,11 @@ def normalize(
     indicator[adata.var_names.get_indexer(selected)] = 1.0
     selected_size = np.asarray(counts @ indicator, dtype=np.float64).ravel()
     spec = VARIANTS[variant]
-    if spec["denominator"] == "total":
+    if spec["denominator"] == "total" and spec["log"] == "ln":
         target = _scanpy_log1p_total(counts, spec["scale"])
+    elif spec["denominator"] == "total":
+        totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        target = normalize_counts(counts, variant, library_size=totals, validate=False)
     else:
         target = normalize_counts(counts, variant, library_size=selected_size, validate=False)
     groups = adata.obs[Obs.LIBRARY_ID].astype(str).to_numpy() if Obs.LIBRARY_ID in adata.obs else None
