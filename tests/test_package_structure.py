@@ -21,6 +21,7 @@ DATA_FIRST = {"adata", "sdata", "data", "adata_or_sdata", "sdata_or_adata"}
 # Functions whose first argument is not an AnnData by nature (paths, names, arrays, models).
 NOT_DATA_FIRST = {
     "io.read_her2st",
+    "io.read_hest",
     "io.read_visium",
     "io.read_image",
     "io.load_model",
