@@ -37,6 +37,8 @@ NOT_DATA_FIRST = {
     "tl.list_methods",
     "datasets.synthetic",
     "datasets.synthetic_he_image",
+    "datasets.synthetic_bins",
+    "datasets.synthetic_transcripts",
     "datasets.her2st_785_genes",
     "pp.normalize_counts",
     "pp.size_factors",
