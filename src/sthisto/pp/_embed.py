@@ -15,6 +15,7 @@ from .._constants import Obs, Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError, NoImageError
 from .._images import has_image
 from .._logging import logger
+from .._sdata import accepts_spatialdata
 from ._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
 
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 256}
@@ -60,6 +61,7 @@ def extra_key(key_added: str) -> str:
     return f"{key_added}_extra"
 
 
+@accepts_spatialdata
 def embed(
     adata,
     *,

@@ -42,6 +42,7 @@ from .._constants import Images, Obs, ScaleFactors, Uns, Var
 from .._errors import InputError, MissingKeyError, NoImageError
 from .._images import has_image, microns_per_pixel
 from .._logging import logger
+from .._sdata import accepts_spatialdata
 from ..pp._patches import library_ids, spot_coordinates
 
 FUNCTION = "superresolve"
@@ -64,6 +65,7 @@ DEFAULT_BATCH = 2000
 _SPACING_TOLERANCE = 0.1
 
 
+@accepts_spatialdata
 def superresolve(
     adata,
     model,

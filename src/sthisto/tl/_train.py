@@ -14,6 +14,7 @@ from .._anndata import check_writable, maybe_copy, record, sthisto_uns, write
 from .._constants import Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._sdata import accepts_spatialdata
 from ..pp._patches import library_ids
 
 SELECTED_GENES_KEY = "sthisto_selected"
@@ -151,6 +152,7 @@ def _targets(adata, index, genes, *, layer, variant, need_counts):
     return targets, (counts if need_counts else None), sizes
 
 
+@accepts_spatialdata
 def train(
     adata,
     method="thitogene",
@@ -369,6 +371,7 @@ def _resolve_model(adata, model):
     raise InputError(f"model must be a stored key, a model object or a saved path; got {type(model).__name__}.")
 
 
+@accepts_spatialdata
 def predict(
     adata,
     model,
