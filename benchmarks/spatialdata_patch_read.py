@@ -7,7 +7,8 @@ temporary zarr store each time:
 * ``single``  — ``chunk_size=None``: the image's own chunking, one chunk for a JPEG, one scale
   (the behaviour before chunking was added).
 
-Then, in a fresh process per pass (forked, so nothing is cached), the store is opened with
+Then, in a fresh process per pass (spawned: nothing is cached, and zarr's event-loop thread
+does not survive a fork), the store is opened with
 ``spatialdata.read_zarr``, converted with ``sthisto.io.from_spatialdata`` and one 224-px patch
 (at the image's own resolution) is read for a spot with :class:`sthisto.pp.PatchDataset`. The
 table gives per variant the chunks of level 0 the patch touches, the seconds to read it and the
@@ -83,7 +84,7 @@ def main() -> int:
             sthisto.io.to_spatialdata(adata, **options).write(store)
             print(f"{name}: written in {time.perf_counter() - start:.1f} s")
             results[name] = []
-        context = multiprocessing.get_context("fork")
+        context = multiprocessing.get_context("spawn")
         for _ in range(args.repeats):
             for name in results:
                 queue = context.Queue()

@@ -54,6 +54,8 @@ def test_anndata_calls_are_unchanged_and_table_key_needs_spatialdata():
     adata = sthisto.datasets.synthetic(n_sections=1, n_spots=20, n_genes=4, seed=1)
     with pytest.raises(InputError, match="SpatialData input only"):
         sthisto.pp.embed(adata, table_key="table")
+    sthisto.pp.embed(adata=adata, encoder="handcrafted", patch_size_um=50.0)  # by keyword, as before
+    assert "X_handcrafted" in adata.obsm
     for function in (sthisto.pp.embed, sthisto.tl.train, sthisto.tl.predict, sthisto.tl.superresolve):
         parameters = inspect.signature(function).parameters
         assert parameters["table_key"].kind is inspect.Parameter.KEYWORD_ONLY

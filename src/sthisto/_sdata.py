@@ -43,8 +43,13 @@ def accepts_spatialdata(function):
     has_image_key = "image_key" in signature.parameters
     has_copy = "copy" in signature.parameters
 
+    first = next(iter(signature.parameters))
+
     @functools.wraps(function)
-    def wrapper(data, *args, table_key: str | None = None, **kwargs):
+    def wrapper(*args, table_key: str | None = None, **kwargs):
+        # The data object may come by position or by its parameter name (adata=...).
+        data = args[0] if args else kwargs.pop(first, None)
+        args = args[1:]
         if not is_spatialdata(data):
             if table_key is not None:
                 raise InputError(
