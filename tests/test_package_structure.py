@@ -23,6 +23,7 @@ DATA_FIRST = {"adata", "sdata", "data", "adata_or_sdata", "sdata_or_adata"}
 # Functions whose first argument is not an AnnData by nature (paths, names, arrays, models).
 NOT_DATA_FIRST = {
     "io.read_her2st",
+    "io.read_hest",
     "io.read_visium",
     "io.read_image",
     "io.load_model",
@@ -41,6 +42,8 @@ NOT_DATA_FIRST = {
     "tl.list_methods",
     "datasets.synthetic",
     "datasets.synthetic_he_image",
+    "datasets.synthetic_bins",
+    "datasets.synthetic_transcripts",
     "datasets.her2st_785_genes",
     "pp.normalize_counts",
     "pp.size_factors",

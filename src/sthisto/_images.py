@@ -209,7 +209,9 @@ def open_image_file(path: str | Path) -> ImageSource:
             f"image file {str(path)!r} does not exist. If the data moved, update "
             f"uns['spatial'][library_id]['metadata']['image_path'] to its new location."
         )
-    if path.suffix.lower() in (".tif", ".tiff", ".svs", ".btf"):
+    from .io._common import TIFF_SUFFIXES
+
+    if path.suffix.lower() in TIFF_SUFFIXES:
         try:
             return ImageSource(_open_tiff(str(path)))
         except InputError:

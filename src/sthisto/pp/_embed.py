@@ -15,6 +15,7 @@ from .._constants import Obs, Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError, NoImageError
 from .._images import has_image
 from .._logging import logger
+from .._sdata import accepts_spatialdata
 from .._validate import checked_input
 from ._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
 
@@ -69,6 +70,7 @@ def extra_key(key_added: str) -> str:
     return f"{key_added}_extra"
 
 
+@accepts_spatialdata
 @checked_input
 def embed(
     adata: AnnData,

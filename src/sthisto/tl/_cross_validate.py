@@ -123,6 +123,8 @@ def plan_folds(adata, split: str, folds=None, *, seed: int = 0) -> list[Fold]:
             plan.append(Fold(str(library), [str(library)], np.setdiff1d(rows, test), test))
         return plan
 
+    if _is_split_folder(folds):
+        return _hest_split_plan(adata, Path(folds), libraries)
     column = Obs.LIBRARY_ID if split == "section" else Obs.PATIENT
     if column not in adata.obs:
         raise MissingKeyError(
@@ -157,6 +159,100 @@ def plan_folds(adata, split: str, folds=None, *, seed: int = 0) -> list[Fold]:
     return plan
 
 
+def _is_split_folder(folds) -> bool:
+    """Whether ``folds`` names a folder of HEST-Benchmark split files (``train_<k>.csv`` / ``test_<k>.csv``)."""
+    if isinstance(folds, Path):
+        return True
+    return isinstance(folds, str) and Path(folds).expanduser().is_dir()
+
+
+def _hest_split_plan(adata, folder: Path, libraries: np.ndarray) -> list[Fold]:
+    """Folds read from HEST-Benchmark's ``splits/`` folder: samples are matched to ``library_id``."""
+    import re
+
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise InputError(
+            f"folds={str(folder)!r} is not a folder; pass HEST's splits/ folder (train_0.csv, test_0.csv, ...)."
+        )
+    pattern = re.compile(r"^(train|test)_(\d+)\.csv$")
+    found: dict[int, dict[str, Path]] = {}
+    for file in folder.iterdir():
+        match = pattern.match(file.name)
+        if match:
+            found.setdefault(int(match.group(2)), {})[match.group(1)] = file
+    incomplete = sorted(k for k, pair in found.items() if len(pair) != 2)
+    if not found or incomplete:
+        raise InputError(
+            f"{str(folder)!r} holds no complete HEST split pairs (train_<k>.csv with test_<k>.csv)"
+            + (f"; fold(s) {incomplete} lack one file" if incomplete else "")
+            + ". Point folds= at a HEST-Benchmark task's splits/ folder."
+        )
+    present = set(libraries)
+    patients = adata.obs[Obs.PATIENT].astype(str).to_numpy() if Obs.PATIENT in adata.obs else None
+    plan, tested = [], set()
+    for k in sorted(found):
+        samples = {}
+        for role, file in found[k].items():
+            try:
+                table = pd.read_csv(file)
+            except Exception as err:
+                raise InputError(f"could not read HEST split file {str(file)!r}: {err}.") from err
+            if "sample_id" not in table.columns:
+                raise InputError(
+                    f"HEST split file {str(file)!r} has no 'sample_id' column (it has {list(table.columns)})."
+                )
+            samples[role] = [str(v) for v in table["sample_id"]]
+            missing = sorted(set(samples[role]) - present)
+            if missing:
+                raise MissingKeyError(
+                    f"HEST split {file.name} names samples {missing[:10]} that are not values of obs['library_id']. "
+                    f"Read them too (sthisto.io.read_hest(root, sample_ids=...)), or subset the split files."
+                )
+        overlap = sorted(set(samples["train"]) & set(samples["test"]))
+        if overlap:
+            raise InputError(f"HEST split fold {k} lists samples {overlap} in both train_{k}.csv and test_{k}.csv.")
+        repeated = sorted(set(samples["test"]) & tested)
+        if repeated:
+            raise InputError(f"HEST split fold {k} tests samples {repeated} already tested by an earlier fold.")
+        tested |= set(samples["test"])
+        train = np.flatnonzero(np.isin(libraries, samples["train"]))
+        test = np.flatnonzero(np.isin(libraries, samples["test"]))
+        if patients is not None:
+            shared = sorted(set(patients[train]) & set(patients[test]))
+            if shared:
+                logger.warning(
+                    "HEST split fold %d: patient(s) %s have samples on both sides; the split is not patient-level "
+                    "for these obs['patient'] values.",
+                    k,
+                    shared[:10],
+                )
+        plan.append(Fold(f"fold{k}", sorted(set(samples["test"])), train, test))
+    return plan
+
+
+def read_gene_list(path) -> list[str]:
+    """Gene names from a HEST gene-list JSON (``{"genes": [...]}``) or a text file, one per line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"gene list file {str(path)!r} does not exist.")
+    try:
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            content = json.loads(text)
+            genes = content.get("genes") if isinstance(content, dict) else content
+        else:
+            genes = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    except (OSError, ValueError) as err:
+        raise InputError(f"could not read gene list {str(path)!r}: {err}.") from err
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) for g in genes):
+        raise InputError(
+            f"gene list {str(path)!r} must be a JSON list or an object with a 'genes' list (HEST's "
+            f"var_50genes.json), or a text file with one gene per line."
+        )
+    return genes
+
+
 def _ordered(adata, column: str) -> list:
     values = adata.obs[column]
     if isinstance(values.dtype, pd.CategoricalDtype):
@@ -172,6 +268,10 @@ def _gene_rule(adata, genes) -> tuple[str, Any]:
 
     if callable(genes):
         return "per_fold_training_data", genes
+    if isinstance(genes, Path) or (
+        isinstance(genes, str) and genes.lower().endswith((".json", ".txt")) and genes not in adata.var
+    ):
+        genes = read_gene_list(genes)
     if isinstance(genes, str) and ":" in genes and genes not in adata.var:
         flavor, _, number = genes.partition(":")
         if flavor not in _GENE_RULE_FLAVORS or not number.isdigit() or int(number) < 1:
@@ -391,6 +491,11 @@ def cross_validate(
         ``"section"`` / ``"patient"``: ``None`` (every section / patient is a test fold once)
         or the list of sections / patients to test (all others still train every fold).
         ``"spots"``: the fraction of each section's spots held out (default 0.5).
+        A folder (``str`` or :class:`~pathlib.Path`) of HEST-Benchmark split files
+        (``train_<k>.csv`` / ``test_<k>.csv`` with a ``sample_id`` column, as in
+        ``bench_data/<task>/splits/``): fold ``k`` trains on the listed training samples and
+        tests on the listed test samples, matched to ``obs['library_id']`` (the sample ids
+        :func:`sthisto.io.read_hest` gives).
     key_added
         Output key. One method: default ``f"cv_{method}"``. A list: the prefix (default
         ``"cv"``) of the per-method keys ``f"{key_added}_{method}"``.
@@ -405,7 +510,9 @@ def cross_validate(
         training spots only: a rule ``"<flavor>:<n>"`` (``hvg`` = scanpy ``seurat``,
         ``seurat_v3``, ``cell_ranger``, ``per_section_union``; see
         :func:`sthisto.pp.select_genes`), or a callable receiving an AnnData of the fold's
-        training spots (``X``, ``obs``, ``var``; no images) and returning gene names.
+        training spots (``X``, ``obs``, ``var``; no images) and returning gene names. A path
+        to a gene-list file is read as a given list: HEST's ``var_50genes.json``
+        (``{"genes": [...]}``) or a text file with one gene per line.
     layer
         Train on (and score against) this layer instead of normalising ``X`` with the
         method's target transform. It must not depend on test spots (per-spot transforms

@@ -43,6 +43,7 @@ from .._constants import Images, Obs, ScaleFactors, Uns, Var
 from .._errors import InputError, MissingKeyError, NoImageError
 from .._images import has_image, microns_per_pixel
 from .._logging import logger
+from .._sdata import accepts_spatialdata
 from .._validate import checked_input
 from ..pp._patches import library_ids, spot_coordinates
 
@@ -74,6 +75,7 @@ DEFAULT_BATCH = 2000
 _SPACING_TOLERANCE = 0.1
 
 
+@accepts_spatialdata
 @checked_input(genes=True)
 def superresolve(
     adata: AnnData,

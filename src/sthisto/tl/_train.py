@@ -14,6 +14,7 @@ from .._anndata import check_writable, maybe_copy, record, sthisto_uns, write
 from .._constants import Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._sdata import accepts_spatialdata
 from .._validate import align_train_mask, check_finite_tensors, check_max_epochs, checked_input
 from ..pp._patches import library_ids
 
@@ -165,6 +166,7 @@ def _targets(adata, index, genes, *, layer, variant, need_counts):
     return targets, (counts if need_counts else None), sizes
 
 
+@accepts_spatialdata
 @checked_input(genes=True)
 def train(
     adata: AnnData,
@@ -406,6 +408,7 @@ def _resolve_model(adata, model):
     raise InputError(f"model must be a stored key, a model object or a saved path; got {type(model).__name__}.")
 
 
+@accepts_spatialdata
 @checked_input(genes=True)
 def predict(
     adata: AnnData,
