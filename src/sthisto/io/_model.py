@@ -36,7 +36,7 @@ def save_model(model, path: str | Path, *, overwrite: bool = False) -> Path:
             raise InputError(f"{str(path)!r} is not a saved sthisto model; refusing to overwrite it.")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_tensors(), str(path / WEIGHTS_FILE))  # before the manifest: it may add to it
+    save_file(model.all_state_tensors(), str(path / WEIGHTS_FILE))  # before the manifest: it may add to it
     (path / MANIFEST_FILE).write_text(json.dumps(model.manifest(), indent=1))
     logger.info("saved %s model to %s", model.name, path)
     return path
@@ -72,7 +72,7 @@ def _check_manifest(manifest: Mapping[str, Any], where: str):
 def _check_weights_shape(model, tensors: Mapping[str, Any], where: str, manifest: Mapping[str, Any]) -> None:
     if model.network is None:  # closed-form models (ridge) check their own arrays when loading
         return
-    expected = model.state_tensors()
+    expected = model.all_state_tensors()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     wrong = [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
@@ -123,7 +123,7 @@ def load_model(path: str | Path):
         ) from err
     model = cls.from_manifest(manifest)
     _check_weights_shape(model, tensors, str(path), manifest)
-    model.load_state_tensors(tensors)
+    model.load_all_state_tensors(tensors)
     return model
 
 
@@ -136,5 +136,5 @@ def model_from_record(record: Mapping[str, Any]):
     model = cls.from_manifest(manifest)
     tensors = load(np.asarray(record["weights"], dtype=np.uint8).tobytes())
     _check_weights_shape(model, tensors, "the stored model record", manifest)
-    model.load_state_tensors(tensors)
+    model.load_all_state_tensors(tensors)
     return model
