@@ -16,6 +16,7 @@ conformal scores by it and :func:`sthisto.tl.evaluate` can rank errors by it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -308,3 +309,128 @@ def describe(members: Sequence, *, bootstrap: bool) -> dict[str, Any]:
         "bootstrap_sections": bool(bootstrap),
         "member_libraries": [list(map(str, m.trained_on.get("libraries", []))) for m in members],
     }
+
+
+# --- evaluation of uncertainty -------------------------------------------------------------------------
+SPREAD_DEFINITIONS = {
+    "coverage": "share of spot x gene values inside [lower, upper] (layers <key>_lower / <key>_upper)",
+    "coverage_gene_min": "lowest per-gene coverage in the group",
+    "interval_width_mean": "mean of upper - lower over all spot x gene values",
+    "spearman_error_spread": "mean over genes of Spearman rho across spots between |predicted - observed| and <key>_std",
+    "spearman_error_spread_pooled": "Spearman rho between |error| and <key>_std over all spot x gene values",
+    "spread_mean": "mean of <key>_std over all spot x gene values",
+    "coverage_at_<level>": "calibration curve: observed coverage of the interval at nominal level <level> "
+    "(conformal quantiles of the predict record; without calibration, Gaussian prediction +/- z * std)",
+}
+"""Definitions of the uncertainty metrics :func:`sthisto.tl.evaluate` adds when spread or intervals exist."""
+CURVE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+"""Nominal levels of the Gaussian calibration curve when no conformal calibration is recorded."""
+
+
+class SpreadInputs:
+    """Uncertainty layers beside a prediction layer, restricted to the evaluated genes."""
+
+    def __init__(self, std=None, lower=None, upper=None, curve=None) -> None:
+        self.std, self.lower, self.upper = std, lower, upper
+        self.curve = curve  # (levels, half-width function) or None
+
+    def __bool__(self) -> bool:
+        return self.std is not None or self.lower is not None
+
+    def rows(self, mask: np.ndarray) -> SpreadInputs:
+        def pick(values):
+            return None if values is None else values[mask]
+
+        return SpreadInputs(pick(self.std), pick(self.lower), pick(self.upper), self.curve)
+
+
+def spread_inputs(adata, predicted: str, rows, columns, genes, function, entry, matrix) -> SpreadInputs:
+    """Read ``{predicted}_std`` / ``_lower`` / ``_upper`` and the recorded conformal quantiles."""
+    from .._constants import Layers
+    from ._calibrate import decode_quantiles
+
+    def layer(what):
+        key = Layers.companion(predicted, what)
+        return matrix(adata, key, rows, columns, what=what) if key in adata.layers else None
+
+    inputs = SpreadInputs(layer("std"), layer("lower"), layer("upper"))
+    info = entry.get("interval") if function == "predict" and entry is not None else None
+    if isinstance(info, dict) and "quantiles" in info:
+        model_genes = [str(g) for g in np.asarray(entry["genes"]).ravel()]
+        position = {g: i for i, g in enumerate(model_genes)}
+        take = np.asarray([position[g] for g in genes])
+        levels = [float(v) for v in np.asarray(info["levels"]).ravel()]
+        quantiles = np.asarray(info["quantiles"], dtype=np.float64)
+        quantiles = decode_quantiles(quantiles.tolist()) if quantiles.dtype == object else quantiles
+        quantiles = quantiles.reshape(len(levels), -1)[:, take]
+        normalized = str(info.get("conformal")) == "normalized"
+        beta = np.asarray(info.get("beta", []), dtype=np.float64).ravel()
+        beta = beta[take] if normalized and beta.size else 0.0
+        inputs.curve = ("conformal", levels, quantiles, normalized, beta)
+    elif inputs.std is not None:
+        inputs.curve = ("gaussian", list(CURVE_LEVELS), None, True, 0.0)
+    return inputs
+
+
+def group_spread_metrics(observed: np.ndarray, predicted: np.ndarray, spread: SpreadInputs, genes):
+    """Coverage, width, error-spread rank correlation and calibration curve of one group.
+
+    Returns
+    -------
+    metrics, per-gene DataFrame (``gene`` + columns), curve rows (``level``, ``expected``,
+    ``observed``, ``source``).
+    """
+    import pandas as pd
+    from scipy.stats import norm
+
+    from ._evaluate import spearman_columns
+
+    x = np.asarray(observed, dtype=np.float64)
+    y = np.asarray(predicted, dtype=np.float64)
+    valid = np.isfinite(x) & np.isfinite(y)
+    metrics: dict[str, float] = {}
+    per_gene = pd.DataFrame({"gene": np.asarray(genes, dtype=str)})
+    curve_rows = []
+    if spread.lower is not None and spread.upper is not None:
+        ok = valid & np.isfinite(spread.lower) & np.isfinite(spread.upper)
+        inside = np.where(ok, (spread.lower <= x) & (x <= spread.upper), np.nan)
+        width = np.where(ok, spread.upper - spread.lower, np.nan)
+        metrics["coverage"] = _nanmean(inside)
+        metrics["interval_width_mean"] = _nanmean(width)
+        per_gene["coverage"] = _nanmean(inside, axis=0)
+        per_gene["interval_width"] = _nanmean(width, axis=0)
+        metrics["coverage_gene_min"] = float(np.nanmin(per_gene["coverage"])) if ok.any() else np.nan
+    if spread.std is not None:
+        ok = valid & np.isfinite(spread.std)
+        error = np.abs(y - x)
+        keep_spots = ok.all(axis=1)
+        rho = spearman_columns(error[keep_spots], spread.std[keep_spots]) if keep_spots.sum() > 2 else None
+        per_gene["spearman_error_spread"] = rho if rho is not None else np.nan
+        metrics["spearman_error_spread"] = _nanmean(np.asarray(rho)) if rho is not None else np.nan
+        pooled = spearman_columns(error[ok].reshape(-1, 1), spread.std[ok].reshape(-1, 1)) if ok.sum() > 2 else [np.nan]
+        metrics["spearman_error_spread_pooled"] = float(pooled[0])
+        metrics["spread_mean"] = _nanmean(np.where(ok, spread.std, np.nan))
+    if spread.curve is not None:
+        source, levels, quantiles, normalized, beta = spread.curve
+        for row, level in enumerate(levels):
+            if source == "gaussian":
+                half = norm.ppf(0.5 + level / 2) * spread.std
+            elif normalized:
+                if spread.std is None:
+                    continue
+                half = quantiles[row] * (spread.std + beta)
+            else:
+                half = np.broadcast_to(quantiles[row], y.shape)
+            ok = valid & np.isfinite(half)
+            covered = _nanmean(np.where(ok, np.abs(x - y) <= half, np.nan))
+            metrics[f"coverage_at_{level:g}"] = covered
+            curve_rows.append({"level": float(level), "expected": float(level), "observed": covered, "source": source})
+    return metrics, per_gene, pd.DataFrame(curve_rows, columns=["level", "expected", "observed", "source"])
+
+
+def _nanmean(values, axis=None):
+    values = np.asarray(values, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column is a NaN mean, on purpose
+        out = np.nanmean(values, axis=axis)
+    return float(out) if axis is None else out
