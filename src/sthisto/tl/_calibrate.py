@@ -210,6 +210,42 @@ def _persist(adata, model, source, stored_key) -> None:
         logger.info("updated the calibration in %s", Path(source) / MANIFEST_FILE)
 
 
+def calibrate_model(
+    fitted, adata, index, *, alpha, uncertainty, levels, observed=None, n_samples=DEFAULT_SAMPLES, seed=0, device="auto"
+) -> dict[str, dict]:
+    """Calibrate ``fitted`` on the spots ``index`` (no checks of provenance); returns the new entries."""
+    n = len(index)
+    needed = math.ceil((1 - float(alpha)) / float(alpha))
+    if n < needed:
+        raise InputError(
+            f"{n} calibration spots are too few for {1 - alpha:.0%} intervals (need at least {needed}); add "
+            f"calibration sections or raise alpha."
+        )
+    kept = [v for v in levels if math.ceil((n + 1) * v - 1e-9) <= n]
+    if len(kept) < len(levels):
+        logger.info("calibrate: %d spots cannot calibrate levels %s; left out", n, sorted(set(levels) - set(kept)))
+    values = _observed(adata, fitted, index, observed)
+    output = predictive(fitted, adata, index, uncertainty=uncertainty, n_samples=n_samples, seed=seed, device=device)
+    common = {
+        "n_spots": int(n),
+        "libraries": sorted({str(x) for x in library_ids(adata)[index]}),
+        "alpha": float(alpha),
+        "point": "ensemble mean" if fitted.members else "model prediction",
+        "observed": observed or "model target from X",
+    }
+    new = {ABSOLUTE: {**fit_calibration(values, output["mean"], None, levels=kept), **common, "uncertainty": None}}
+    if uncertainty is not None:
+        new[uncertainty] = {
+            **fit_calibration(values, output["mean"], output["std"], levels=kept),
+            **common,
+            "uncertainty": uncertainty,
+            "n_samples": int(n_samples) if uncertainty == "dropout" else None,
+            "seed": int(seed),
+        }
+    fitted.calibration.update(new)
+    return new
+
+
 def calibrate(
     adata,
     model,
@@ -281,38 +317,20 @@ def calibrate(
     if existing and not overwrite:
         raise KeyExistsError(f"the model already holds calibrations {existing}; pass overwrite=True to replace them.")
     index = _calibration_index(adata, calibration, fitted)
-    n = len(index)
-    needed = math.ceil((1 - float(alpha)) / float(alpha))
-    if n < needed:
-        raise InputError(
-            f"{n} calibration spots are too few for {1 - alpha:.0%} intervals (need at least {needed}); add "
-            f"calibration sections or raise alpha."
-        )
-    kept = [v for v in chosen_levels if math.ceil((n + 1) * v - 1e-9) <= n]
-    if len(kept) < len(chosen_levels):
-        logger.info(
-            "calibrate: %d spots cannot calibrate levels %s; left out", n, sorted(set(chosen_levels) - set(kept))
-        )
-    values = _observed(adata, fitted, index, observed)
-    output = predictive(fitted, adata, index, uncertainty=uncertainty, n_samples=n_samples, seed=seed, device=device)
-    libraries = sorted({str(x) for x in library_ids(adata)[index]})
-    common = {
-        "n_spots": int(n),
-        "libraries": libraries,
-        "alpha": float(alpha),
-        "point": "ensemble mean" if fitted.members else "model prediction",
-        "observed": observed or "model target from X",
-    }
-    new = {ABSOLUTE: {**fit_calibration(values, output["mean"], None, levels=kept), **common, "uncertainty": None}}
-    if uncertainty is not None:
-        new[uncertainty] = {
-            **fit_calibration(values, output["mean"], output["std"], levels=kept),
-            **common,
-            "uncertainty": uncertainty,
-            "n_samples": int(n_samples) if uncertainty == "dropout" else None,
-            "seed": int(seed),
-        }
-    fitted.calibration.update(new)
+    new = calibrate_model(
+        fitted,
+        adata,
+        index,
+        alpha=alpha,
+        uncertainty=uncertainty,
+        levels=chosen_levels,
+        observed=observed,
+        n_samples=n_samples,
+        seed=seed,
+        device=device,
+    )
+    libraries = new[ABSOLUTE]["libraries"]
+    n, kept = new[ABSOLUTE]["n_spots"], new[ABSOLUTE]["levels"]
     _persist(adata, fitted, source, stored_key)
     record(
         adata,
