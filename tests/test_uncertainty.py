@@ -243,3 +243,53 @@ def _targets_all(adata):
         adata, np.arange(adata.n_obs), list(adata.var_names), layer=None, variant="log10_1e4", need_counts=False
     )
     return np.asarray(values)
+
+
+def test_plots_of_uncertainty(sections, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    adata = sections.copy()
+    sthisto.tl.train(adata, "ridge", features_key="morph", train_mask=["S01", "S02"], n_members=3)
+    sthisto.tl.calibrate(adata, "ridge", calibration=["S03"], uncertainty="ensemble")
+    test = adata[adata.obs["library_id"] == "S04"].copy()
+    sthisto.tl.predict(test, "ridge", uncertainty="ensemble", interval=0.9)
+    sthisto.tl.evaluate(test, predicted="ridge")
+    gene = str(test.var_names[0])
+    fig = sthisto.pl.uncertainty_maps(test, gene, key="ridge", save=tmp_path / "maps.png")
+    assert [ax.get_title() for ax in fig.axes[:3]] == [f"ridge: {gene}", "spread (std)", "interval width"]
+    width = fig.axes[2].collections[0].get_array()
+    np.testing.assert_allclose(width, (test.layers["ridge_upper"] - test.layers["ridge_lower"])[:, 0], rtol=1e-6)
+    fig = sthisto.pl.calibration_curve(test, "ridge")
+    line = fig.axes[0].lines[-1]
+    assert list(line.get_xdata()) == [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    fig = sthisto.pl.error_vs_spread(test, "ridge", n_bins=4)
+    assert len(fig.axes[0].lines[0].get_xdata()) == 4
+    assert (tmp_path / "maps.png").stat().st_size > 0
+    plt.close("all")
+    with pytest.raises(MissingKeyError, match="uncertainty="):
+        sthisto.pl.error_vs_spread(adata, "ridge")
+
+
+def test_cli_calibrate_and_predict_with_intervals(sections, tmp_path):
+    import anndata as ad
+
+    from sthisto.cli import main
+
+    adata = sections.copy()
+    model = sthisto.tl.train(adata, "ridge", features_key="morph", train_mask=["S01", "S02"], n_members=3)
+    model.save(tmp_path / "model")
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    assert main(["calibrate", str(tmp_path / "in.h5ad"), "--model", str(tmp_path / "model"),
+                 "--calibration-libraries", "S03", "--uncertainty", "ensemble", "-q"]) == 0  # fmt: skip
+    assert main(["predict", str(tmp_path / "in.h5ad"), "--model", str(tmp_path / "model"), "-o",
+                 str(tmp_path / "out.h5ad"), "--key-added", "p", "--uncertainty", "ensemble", "--interval", "0.9",
+                 "-q"]) == 0  # fmt: skip
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert {"p", "p_std", "p_lower", "p_upper"} <= set(out.layers)
+    assert out.uns["sthisto"]["predict"]["p"]["interval"]["conformal"] == "normalized"
+    # A model stored in the AnnData needs -o to keep its calibration.
+    assert main(["calibrate", str(tmp_path / "in.h5ad"), "--model", "ridge", "--calibration-libraries", "S03",
+                 "-q"]) == 2  # fmt: skip
