@@ -293,3 +293,11 @@ def test_cli_calibrate_and_predict_with_intervals(sections, tmp_path):
     # A model stored in the AnnData needs -o to keep its calibration.
     assert main(["calibrate", str(tmp_path / "in.h5ad"), "--model", "ridge", "--calibration-libraries", "S03",
                  "-q"]) == 2  # fmt: skip
+
+
+def test_distributed_prediction_refuses_an_ensemble(sections):
+    adata = sections.copy()
+    sthisto.tl.train(adata, "ridge", features_key="morph", train_mask=["S01"], n_members=2)
+    with pytest.raises(InputError, match="ensemble of 2 members"):
+        sthisto.tl.predict_distributed(adata, "ridge")
+    assert "ridge" not in adata.layers
