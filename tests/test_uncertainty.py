@@ -301,3 +301,15 @@ def test_distributed_prediction_refuses_an_ensemble(sections):
     with pytest.raises(InputError, match="ensemble of 2 members"):
         sthisto.tl.predict_distributed(adata, "ridge")
     assert "ridge" not in adata.layers
+
+
+def test_replacing_a_prediction_drops_its_old_intervals(sections):
+    adata = sections.copy()
+    sthisto.tl.train(adata, "ridge", features_key="morph", train_mask=["S01"])
+    sthisto.tl.calibrate(adata, "ridge", calibration=["S02"])
+    sthisto.tl.predict(adata, "ridge", interval=0.9)
+    assert "ridge_upper" in adata.layers
+    sthisto.tl.predict(adata, "ridge", overwrite=True)
+    assert "ridge_upper" not in adata.layers and "ridge_lower" not in adata.layers
+    with pytest.raises(MissingKeyError, match="calibration"):
+        sthisto.tl.calibrate(adata, "ridge", calibration=["S09"], overwrite=True)

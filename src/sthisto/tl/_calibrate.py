@@ -73,7 +73,10 @@ def _calibration_index(adata, calibration, model) -> np.ndarray:
             "calibration= is required: pass the library ids (or a boolean spot mask) of data not used for "
             "training, e.g. calibration=['S2']. Whole sections give a section-level guarantee."
         )
-    index = _resolve_train_index(adata, calibration)
+    try:
+        index = _resolve_train_index(adata, calibration)
+    except InputError as error:  # the shared resolver speaks of train_mask
+        raise type(error)(str(error).replace("train_mask", "calibration")) from None
     trained = {str(x) for x in model.trained_on.get("libraries", [])}
     for member in getattr(model, "members", []):
         trained |= {str(x) for x in member.trained_on.get("libraries", [])}

@@ -647,6 +647,12 @@ def _store_predictions(
     write(adata, "layers", key_added, aligned(predictions), overwrite=overwrite)
     for name, values in (extra or {}).items():
         write(adata, "layers", Layers.companion(key_added, name), aligned(values), overwrite=overwrite)
+    for name in Layers.COMPANIONS:
+        stale = Layers.companion(key_added, name)
+        if overwrite and name not in (extra or {}) and stale in adata.layers:
+            # Spread or intervals of an earlier prediction would no longer belong to layers[key_added].
+            del adata.layers[stale]
+            logger.info("removed adata.layers[%r] of the replaced prediction", stale)
     write(adata, "var", Var.predicted(key_added), flag, overwrite=overwrite)
     record(adata, "predict", key_added, provenance, overwrite=True)
     return adata if copy else None
