@@ -313,3 +313,23 @@ def test_replacing_a_prediction_drops_its_old_intervals(sections):
     assert "ridge_upper" not in adata.layers and "ridge_lower" not in adata.layers
     with pytest.raises(MissingKeyError, match="calibration"):
         sthisto.tl.calibrate(adata, "ridge", calibration=["S09"], overwrite=True)
+
+
+TINY = sorted(name for name in sthisto.models.list_models() if name.endswith("_tiny"))
+
+
+@pytest.mark.parametrize("method", TINY)
+def test_every_method_gives_an_ensemble_spread_and_conformal_intervals(method):
+    adata = sthisto.datasets.synthetic(n_sections=3, n_spots=30, n_genes=4, seed=4)
+    model = sthisto.tl.train(adata, method, train_mask=["S01"], n_members=2, max_epochs=1, progress_bar=False)
+    sthisto.tl.calibrate(adata, method, calibration=["S02"], uncertainty="ensemble")
+    test = adata[adata.obs["library_id"] == "S03"].copy()
+    sthisto.tl.predict(test, method, uncertainty="ensemble", interval=0.9)
+    point, spread = test.layers[method], test.layers[f"{method}_std"]
+    lower, upper = test.layers[f"{method}_lower"], test.layers[f"{method}_upper"]
+    assert np.isfinite(spread).all() and (spread > 0).any()
+    assert (lower <= point).all() and (point <= upper).all() and np.isfinite(upper).all()
+    members = [sthisto.tl.get_model(adata, method), *sthisto.tl.get_model(adata, method).members]
+    each = np.stack([m.predict(test) for m in members])
+    np.testing.assert_allclose(point, each.mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert len(model.members) == 1
