@@ -504,8 +504,14 @@ def predict(
       log10(1 + counts per 10k)); a dense array when the model predicts every gene of
       ``var``, else a sparse CSR matrix holding only the predicted genes' columns;
     - ``adata.var[f"{key_added}_predicted"]``: True for the genes the model predicts;
+    - with ``uncertainty`` / ``interval``: ``layers[f"{key_added}_std"]``, ``_lower``,
+      ``_upper`` (and ``_count_mean``, ``_count_var``, ``_dropout_prob`` for
+      ``"distribution"``), aligned like ``layers[key_added]``; replacing a prediction with
+      ``overwrite=True`` removes such layers it does not write again;
     - ``adata.uns['sthisto']['predict'][key_added]``: method, model genes, provenance
-      (including ``streaming``: how sections were cut into units).
+      (including ``streaming``: how sections were cut into units; ``point``, ``uncertainty``
+      and, with ``interval``, the calibration used: level, kind, calibration sections and the
+      stored quantiles, from which :func:`sthisto.tl.evaluate` draws the calibration curve).
 
     Otherwise (image-only data, or none of the model's genes measured): a **new** AnnData with
     the spots of ``adata`` (``obs``, ``obsm``, ``uns['spatial']`` shared), ``var`` = the
