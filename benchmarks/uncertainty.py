@@ -4,8 +4,9 @@ Two parts, both printed as tables:
 
 1. **Cost** (synthetic, 3 sections): time and extra peak resident memory of
    ``tl.predict(..., uncertainty=mode)`` relative to a plain prediction with one model, in
-   the same run. Each prediction runs in a forked process so its peak memory is its own
-   (``ru_maxrss`` of the child minus its resident memory at the fork). Modes: ``ensemble``
+   the same run. Each prediction runs in a fresh process (one torch thread) that loads the
+   saved model and data, resets its peak resident size (``/proc/self/clear_refs``) and reports
+   the peak reached while predicting above what it held before. Modes: ``ensemble``
    (K members), ``dropout`` (T passes; THItoGene-tiny), ``distribution`` (HGGEF-tiny's ZINB).
 2. **Calibration on her2st C2–C6**, leave one section out: in each fold, a K-member ensemble
    trains on three sections, one more training section (drawn with the fold's seed) is held
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -42,57 +42,72 @@ HER2ST_METHODS = {
 }
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _in_child(function):
-    """Run ``function()`` in a forked process; return (seconds, extra peak KiB)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        start_rss = _rss_kib()
-        start = time.perf_counter()
-        function()
-        seconds = time.perf_counter() - start
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_rss
-        os.write(write, f"{seconds} {extra}".encode())
-        os._exit(0)
-    os.close(write)
-    data = os.read(read, 100).decode()
-    os.waitpid(pid, 0)
-    seconds, extra = data.split()
-    return float(seconds), max(float(extra), 0.0)
+def measure(model_dir: str, data: str, mode: str, samples: int) -> None:
+    """One prediction in this fresh process: print seconds and extra peak resident KiB."""
+    import anndata as ad
+    import torch
+
+    import sthisto
+
+    torch.set_num_threads(1)
+    test = ad.read_h5ad(data)
+    model = sthisto.io.load_model(model_dir)
+    if mode == "plain":
+        model.members = []
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the peak (VmHWM) to the current resident size
+    start = time.perf_counter()
+    sthisto.tl.predict(test, model, key_added="p", uncertainty=None if mode == "plain" else mode, n_samples=samples)
+    seconds = time.perf_counter() - start
+    print(f"RESULT {seconds} {max(_status_kib('VmHWM') - before, 0)}")
+
+
+def _measure_in_subprocess(model_dir, data, mode, samples) -> tuple[float, float]:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, __file__, "--measure", str(model_dir), str(data), mode, str(samples)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    line = [row for row in done.stdout.splitlines() if row.startswith("RESULT")][-1]
+    _, seconds, extra = line.split()
+    return float(seconds), float(extra)
 
 
 def part_cost(args) -> None:
+    import tempfile
+
     import sthisto
 
     adata = sthisto.datasets.synthetic(n_sections=3, n_spots=200, n_genes=30, seed=3)
     train_mask = ["S01", "S02"]
-    test = adata[adata.obs["library_id"] == "S03"].copy()
     rows = []
-    for method, modes in (("thitogene_tiny", ("ensemble", "dropout")), ("hggef_tiny", ("ensemble", "distribution"))):
-        model = sthisto.tl.train(
-            adata, method, train_mask=train_mask, n_members=args.members, max_epochs=2, progress_bar=False
-        )
-        single = sthisto.tl.get_model(adata, method)
-        single.members = []
-
-        def plain(single=single):
-            sthisto.tl.predict(test.copy(), single, key_added="p")
-
-        base_time, base_mem = _in_child(plain)
-        for mode in modes:
-
-            def run(mode=mode, model=model):
-                sthisto.tl.predict(test.copy(), model, key_added="p", uncertainty=mode, n_samples=args.samples)
-
-            seconds, memory = _in_child(run)
-            rows.append((method, mode, seconds / base_time, memory / max(base_mem, 1.0), base_time, seconds))
-    print(f"\nCost relative to one plain prediction ({test.n_obs} spots; K={args.members}, T={args.samples})")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        test = adata[adata.obs["library_id"] == "S03"].copy()
+        test.write_h5ad(folder / "test.h5ad")
+        for method, modes in (
+            ("thitogene_tiny", ("ensemble", "dropout")),
+            ("hggef_tiny", ("ensemble", "distribution")),
+        ):
+            model = sthisto.tl.train(
+                adata, method, train_mask=train_mask, n_members=args.members, max_epochs=2, progress_bar=False
+            )
+            model.save(folder / method)
+            base_time, base_mem = _measure_in_subprocess(folder / method, folder / "test.h5ad", "plain", args.samples)
+            for mode in modes:
+                seconds, memory = _measure_in_subprocess(folder / method, folder / "test.h5ad", mode, args.samples)
+                rows.append((method, mode, seconds / base_time, memory / max(base_mem, 1.0), base_time, seconds))
+    print(f"\nCost relative to one plain prediction ({test.n_obs} spots; K={args.members}, T={args.samples}; 1 thread)")
     print("| method | mode | time ratio | extra peak memory ratio | plain s | mode s |")
     print("|---|---|---|---|---|---|")
     for method, mode, t_ratio, m_ratio, base, seconds in rows:
@@ -170,7 +185,12 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=3, help="ensemble members K")
     parser.add_argument("--samples", type=int, default=10, help="Monte-Carlo dropout passes T")
     parser.add_argument("--methods", nargs="+", default=list(HER2ST_METHODS), help="her2st methods")
+    parser.add_argument("--measure", nargs=4, metavar=("MODEL", "H5AD", "MODE", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        model_dir, data, mode, samples = args.measure
+        measure(model_dir, data, mode, int(samples))
+        return
     if "cost" in args.parts:
         part_cost(args)
     if "her2st" in args.parts:
