@@ -5,8 +5,9 @@ Two parts, both printed as tables:
 1. **Cost** (synthetic, 3 sections): time and extra peak resident memory of
    ``tl.predict(..., uncertainty=mode)`` relative to a plain prediction with one model, in
    the same run. Each prediction runs in a fresh process (one torch thread) that loads the
-   saved model and data, predicts once with one member to warm caches, resets its peak resident size (``/proc/self/clear_refs``) and reports
-   the peak reached while predicting above what it held before. Modes: ``ensemble``
+   saved model and data, predicts once with one member to warm caches, resets its peak
+   resident size (``/proc/self/clear_refs``) and reports the peak reached while predicting
+   above what it held before. Modes: ``ensemble``
    (K members), ``dropout`` (T passes; THItoGene-tiny), ``distribution`` (HGGEF-tiny's ZINB).
 2. **Calibration on her2st C2–C6**, leave one section out: in each fold, a K-member ensemble
    trains on three sections, one more training section (drawn with the fold's seed) is held
