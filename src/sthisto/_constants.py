@@ -63,6 +63,19 @@ class Layers:
 
     NORMALIZED: Final = "sthisto_target"
     """Default layer of :func:`sthisto.pp.normalize`."""
+    COMPANIONS: Final = ("std", "lower", "upper", "count_mean", "count_var", "dropout_prob")
+    """Suffixes of the uncertainty layers :func:`sthisto.tl.predict` writes beside ``layers[key]``."""
+
+    @staticmethod
+    def companion(key_added: str, what: str) -> str:
+        """Uncertainty layer beside predictions ``key_added``: ``f"{key_added}_{what}"``.
+
+        ``std`` (spread on the prediction scale), ``lower`` / ``upper`` (conformal interval),
+        ``count_mean`` / ``count_var`` / ``dropout_prob`` (a predictive distribution's moments).
+        """
+        if what not in Layers.COMPANIONS:
+            raise ValueError(f"unknown companion layer {what!r}; expected one of {Layers.COMPANIONS}")
+        return f"{key_added}_{what}"
 
 
 class Uns:

@@ -254,8 +254,9 @@ def cmd_train(args, progress: _Progress) -> int:
         "device": args.device,
         "seed": args.seed,
         "validation": _validation(args.validation),
+        "n_members": args.n_members,
     }
-    defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0}
+    defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0, "n_members": 1}
     kwargs = merge_params(options, defaults, parse_params(args.param))
     kwargs.setdefault("progress_bar", not args.quiet and sys.stderr.isatty())
     kwargs["overwrite"] = args.overwrite
@@ -291,9 +292,56 @@ def cmd_predict(args, progress: _Progress) -> int:
         adata = adata[np.isin(adata.obs["library_id"].astype(str), libraries)].copy()
     model = args.model
     progress(f"predicting with {model} on {adata.n_obs} spots")
-    result = tl.predict(adata, model, key_added=args.key_added, device=args.device, overwrite=args.overwrite)
+    result = tl.predict(
+        adata,
+        model,
+        key_added=args.key_added,
+        device=args.device,
+        uncertainty=args.uncertainty,
+        interval=args.interval,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     out = result if result is not None else adata
     progress(f"wrote {write_output(out, args.output, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_calibrate(args, progress: _Progress) -> int:
+    """Fit conformal intervals on held-aside sections; store them with the model."""
+    from pathlib import Path
+
+    from . import tl
+
+    libraries = _names(args.calibration_libraries)
+    if not libraries:
+        raise UsageError("--calibration-libraries is required: sections not used for training, e.g. S3.")
+    folder = Path(args.model).is_dir()
+    if not folder and args.output is None:
+        raise UsageError(
+            "the model is stored in INPUT: pass -o/--output to write the AnnData with the calibrated model."
+        )
+    progress(f"reading {args.input}")
+    adata = read_input(args.input)
+    progress(f"calibrating {args.model} on {', '.join(libraries)}")
+    model = tl.calibrate(
+        adata,
+        args.model,
+        calibration=libraries,
+        alpha=args.alpha,
+        uncertainty=args.uncertainty,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    entry = model.calibration["absolute"]
+    progress(f"calibrated levels {entry['levels']} on {entry['n_spots']} spots")
+    if folder:
+        progress(f"updated {Path(args.model) / 'manifest.json'}")
+    if args.output is not None:
+        progress(f"wrote {write_output(adata, args.output, overwrite=args.overwrite)}")
     return 0
 
 
@@ -541,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable), e.g. lr=1e-4")
+    p.add_argument("--n-members", type=int, default=1, help="train a deep ensemble of this many members (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_train)
 
@@ -553,8 +602,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-added", help="output layer name (default: the model's key or method)")
     p.add_argument("--libraries", metavar="IDS", help="comma-separated library ids to predict (default all)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--uncertainty",
+        choices=["ensemble", "dropout", "distribution"],
+        help="also write layers[KEY_std]: spread across ensemble members, MC-dropout passes, or ZINB",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        metavar="LEVEL",
+        help="conformal interval of this coverage (e.g. 0.9) to layers[KEY_lower/_upper]; needs calibrate",
+    )
+    p.add_argument("--n-samples", type=int, default=20, help="Monte-Carlo dropout passes (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dropout passes")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = command(
+        "calibrate",
+        "fit conformal prediction intervals on held-aside sections",
+        "Fit split-conformal intervals per gene on sections the model never trained on and store them "
+        "with the model: in the AnnData record (write it with -o) or in the saved-model folder.",
+    )
+    p.add_argument("input", help=".h5ad file or SpatialData .zarr store with the calibration sections")
+    p.add_argument("--model", required=True, help="key in uns['sthisto']['models'] or a saved-model folder (updated)")
+    p.add_argument("--calibration-libraries", metavar="IDS", help="comma-separated library ids not used for training")
+    p.add_argument("--alpha", type=float, default=0.1, help="miscoverage of the default interval (default 0.1)")
+    p.add_argument(
+        "--uncertainty",
+        choices=["ensemble", "dropout", "distribution"],
+        help="also fit intervals normalised by this spread",
+    )
+    p.add_argument("--n-samples", type=int, default=20, help="Monte-Carlo dropout passes (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--output", help="write the AnnData with the calibrated model record here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing calibration / output")
+    p.set_defaults(func=cmd_calibrate)  # fmt: skip
 
     p = command("superresolve", "predict expression between measured spots",
                 "Generate spots between the measured ones and predict their expression with a trained model "

@@ -41,7 +41,7 @@ def save_model(model, path: str | Path, *, overwrite: bool = False) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     # Only sthisto's own two files are ever replaced (never the folder): whatever else a user keeps
     # next to them was refused above, and nothing outside these names is touched.
-    save_file(model.state_tensors(), str(path / WEIGHTS_FILE))  # before the manifest: it may add to it
+    save_file(model.all_state_tensors(), str(path / WEIGHTS_FILE))  # before the manifest: it may add to it
     (path / MANIFEST_FILE).write_text(json.dumps(model.manifest(), indent=1))
     logger.info("saved %s model to %s", model.name, path)
     return path
@@ -99,7 +99,7 @@ def _check_manifest(manifest: Mapping[str, Any], where: str):
 def _check_weights_shape(model, tensors: Mapping[str, Any], where: str, manifest: Mapping[str, Any]) -> None:
     if model.network is None:  # closed-form models (ridge) check their own arrays when loading
         return
-    expected = model.state_tensors()
+    expected = model.all_state_tensors()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     wrong = [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
@@ -148,7 +148,7 @@ def load_model(path: str | Path) -> ExpressionModel:
     model = cls.from_manifest(manifest)
     _check_weights_shape(model, tensors, str(path), manifest)
     check_finite_tensors(tensors, where=f"the model saved in {str(path)!r}")
-    model.load_state_tensors(tensors)
+    model.load_all_state_tensors(tensors)
     return model
 
 
@@ -175,5 +175,5 @@ def model_from_record(record: Mapping[str, Any]):
         ) from err
     _check_weights_shape(model, tensors, where, manifest)
     check_finite_tensors(tensors, where=where)
-    model.load_state_tensors(tensors)
+    model.load_all_state_tensors(tensors)
     return model

@@ -27,6 +27,7 @@ from ..pp._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
 
 MANIFEST_FORMAT = "sthisto-model"
 MANIFEST_VERSION = 1
+_MEMBER_PREFIX = "member"
 
 # Keys of the data/training parameter groups every method understands; methods extend them.
 _COMMON_DATA_DEFAULTS: dict[str, Any] = {
@@ -209,6 +210,10 @@ class ExpressionModel:
         self.trained_on: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
         """JSON-able state a method keeps beside its weights (e.g. coordinate frames)."""
+        self.members: list[ExpressionModel] = []
+        """Further ensemble members (``tl.train(..., n_members=K)``); this model is member 0."""
+        self.calibration: dict[str, Any] = {}
+        """Conformal calibrations by spread mode (:func:`sthisto.tl.calibrate`), JSON-able."""
         self.network = self.build_network()
         self.provenance: dict[str, Any] | None = network_provenance(self.network)
 
@@ -846,6 +851,8 @@ class ExpressionModel:
             "trained_on": self.trained_on,
             "extra": self.extra,
             "weights_provenance": self.provenance,
+            "members": [member.manifest() for member in self.members],
+            "calibration": self.calibration,
         }
 
     def state_tensors(self) -> dict[str, Any]:
@@ -856,6 +863,21 @@ class ExpressionModel:
         """Inverse of :meth:`state_tensors`; strict about names and shapes."""
         result = self.network.load_state_dict(dict(tensors), strict=True)
         del result
+
+    def all_state_tensors(self) -> dict[str, Any]:
+        """:meth:`state_tensors` of this model and, under a ``member<k>/`` prefix, of each ensemble member."""
+        tensors = dict(self.state_tensors())
+        for number, member in enumerate(self.members, start=1):
+            tensors.update({f"{_MEMBER_PREFIX}{number}/{k}": v for k, v in member.state_tensors().items()})
+        return tensors
+
+    def load_all_state_tensors(self, tensors: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`all_state_tensors`: split the members' tensors off by their prefix."""
+        own = {k: v for k, v in tensors.items() if not k.startswith(_MEMBER_PREFIX)}
+        self.load_state_tensors(own)
+        for number, member in enumerate(self.members, start=1):
+            prefix = f"{_MEMBER_PREFIX}{number}/"
+            member.load_state_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> ExpressionModel:
@@ -871,13 +893,15 @@ class ExpressionModel:
         model.extra = dict(manifest.get("extra", {}))
         stored = manifest.get("weights_provenance")
         model.provenance = None if stored is None else dict(stored)
+        model.members = [cls.from_manifest(member) for member in manifest.get("members") or []]
+        model.calibration = dict(manifest.get("calibration") or {})
         return model
 
     def to_record(self) -> dict[str, Any]:
         """The record stored in ``uns['sthisto']['models'][key]``: JSON manifest + safetensors bytes."""
         from safetensors.torch import save
 
-        weights = save(self.state_tensors())
+        weights = save(self.all_state_tensors())
         return {"manifest": json.dumps(self.manifest()), "weights": np.frombuffer(weights, dtype=np.uint8).copy()}
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:

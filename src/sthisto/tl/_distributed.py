@@ -101,6 +101,12 @@ def predict_distributed(
     if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
         raise InputError(f"num_workers={num_workers!r} must be an integer >= 0.")
     fitted, stored_key = _resolve_model(adata, model)
+    if fitted.members:
+        raise InputError(
+            f"this {fitted.name} model is an ensemble of {len(fitted.members) + 1} members, and predict_distributed "
+            f"runs one network. Use sthisto.tl.predict (which averages the members), or predict_distributed with "
+            f"one member: model.members = [] on a copy from sthisto.tl.get_model."
+        )
     request = _prediction_request(adata, fitted, stored_key, key_added=key_added, overwrite=overwrite)
     plan = fitted.prediction_plan(adata)
     if accelerator == "auto":

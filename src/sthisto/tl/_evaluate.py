@@ -836,6 +836,10 @@ def evaluate(
         observed_text = "X" if observed == "X" else f"layers[{observed!r}]"
         targets = ["as given"]
     predicted_values = _matrix(adata, predicted, rows, columns, what="predicted")
+    from ._uncertainty import SPREAD_DEFINITIONS, group_spread_metrics, spread_inputs
+
+    spread = spread_inputs(adata, predicted, rows, columns, chosen, function, entry, _matrix)
+    curves = []
 
     groups = np.full(adata.n_obs, "all", dtype=object) if by is None else adata.obs[by].astype(object).to_numpy()
     if pd.isna(groups).any():
@@ -870,6 +874,13 @@ def evaluate(
         if metrics["n_spots"] == 0:
             logger.info("evaluate: group %r has no predicted spots; it is skipped", group)
             continue
+        if spread:  # coverage, width, error-spread correlation, calibration curve
+            extra, extra_genes, curve = group_spread_metrics(
+                observed_values[in_group], predicted_values[in_group], spread.rows(in_group), chosen
+            )
+            metrics.update(extra)
+            per_gene = per_gene.merge(extra_genes, on="gene", how="left")
+            curves.append(curve.assign(group=str(group)))
         results.append((str(group), metrics, per_gene))
     if not results:
         raise InputError(f"layers[{predicted!r}] holds no prediction (all NaN) for any spot; nothing to evaluate.")
@@ -895,7 +906,7 @@ def evaluate(
             "n_genes": len(chosen),
             "protocol": protocol,
             "aggregation": AGGREGATION,
-            "definitions": METRIC_DEFINITIONS,
+            "definitions": {**METRIC_DEFINITIONS, **(SPREAD_DEFINITIONS if spread else {})},
             "clustering": {
                 "excluded_labels": UNDETERMINED + " (case-insensitive) and missing",
                 "preprocessing": "standardise genes (StandardScaler), PCA (svd_solver='full')",
@@ -913,6 +924,10 @@ def evaluate(
     stored["table"] = table
     stored["per_gene"] = per_gene_table
     stored["gene_coverage"] = gene_coverage(results)
+    if curves:
+        curve = pd.concat(curves, ignore_index=True)
+        overall = curve.groupby(["level", "expected", "source"], as_index=False)["observed"].mean()
+        stored["calibration_curve"] = pd.concat([curve, overall.assign(group=OVERALL)], ignore_index=True)
     return adata if copy else table
 
 
