@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sthisto
-from sthisto._errors import InputError
+from sthisto._errors import InputError, MissingKeyError
 
 
 def _brute_force(points_px, centres_px, size_px, grid):
@@ -100,3 +100,26 @@ def test_pool_real_visium_hd_bins(visium_dir):
     member = _brute_force(np.asarray(bins.obsm["spatial"]), spots.obsm["spatial"], 55 / mpp, "hex")
     np.testing.assert_allclose(spots.X.sum(), float((member.astype(np.float32) @ bins.X).sum()))
     np.testing.assert_array_equal(spots.obs["n_bins"].to_numpy(), member.sum(axis=1))
+
+
+def test_pool_reads_transcripts_and_bins_from_spatialdata():
+    spatialdata = pytest.importorskip("spatialdata")
+    from spatialdata.models import PointsModel
+
+    molecules = sthisto.datasets.synthetic_transcripts(extent_um=200, n_genes=3, density=0.02, seed=4)
+    sdata = spatialdata.SpatialData(
+        points={"transcripts": PointsModel.parse(molecules, coordinates={"x": "x_location", "y": "y_location"})}
+    )
+    from_sdata = sthisto.pp.pool(sdata, size_um=55, library_id="X1")
+    from_frame = sthisto.pp.pool(molecules, size_um=55, library_id="X1")
+    assert sorted(from_sdata.var_names) == sorted(from_frame.var_names)
+    genes = list(from_frame.var_names)
+    np.testing.assert_array_equal(from_sdata[:, genes].X.toarray(), from_frame.X.toarray())
+    np.testing.assert_array_equal(from_sdata.obsm["spatial"], from_frame.obsm["spatial"])
+    bins = sthisto.datasets.synthetic_bins(extent_um=200, bin_um=8, n_genes=3)
+    from_table = sthisto.pp.pool(sthisto.io.to_spatialdata(bins), table_key="table")
+    np.testing.assert_array_equal(from_table.X.toarray(), sthisto.pp.pool(bins).X.toarray())
+    with pytest.raises(MissingKeyError, match="has no 'cells'"):
+        sthisto.pp.pool(sdata, points_key="cells")
+    with pytest.raises(InputError, match="SpatialData input only"):
+        sthisto.pp.pool(molecules, points_key="transcripts")

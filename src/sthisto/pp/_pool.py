@@ -18,6 +18,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from anndata import AnnData
     from numpy.typing import ArrayLike
+    from spatialdata import SpatialData
 
 from .._anndata import record
 from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
@@ -34,7 +35,7 @@ UNITS = ("um", "px")
 
 
 def pool(
-    data: AnnData | pd.DataFrame,
+    data: AnnData | pd.DataFrame | SpatialData,
     *,
     size_um: float = 55.0,
     spacing_um: float | None = None,
@@ -48,6 +49,8 @@ def pool(
     units: str = "um",
     microns_per_pixel: float | None = None,
     image: ArrayLike | None = None,
+    points_key: str | None = None,
+    table_key: str | None = None,
     key_added: str = FUNCTION,
     overwrite: bool = False,
     copy: bool = False,
@@ -65,7 +68,10 @@ def pool(
         ``square_008um`` folder, or :func:`sthisto.datasets.synthetic_bins`), with
         ``obs['library_id']``, ``obsm['spatial']`` in pixels and ``microns_per_pixel``; or a
         DataFrame of transcripts, one row per molecule (Xenium ``transcripts.parquet``), with
-        columns ``x_key``, ``y_key``, ``gene_key``.
+        columns ``x_key``, ``y_key``, ``gene_key``; or a SpatialData object (e.g. from
+        ``spatialdata_io.xenium``), whose transcripts (``points_key``) or bin table
+        (``table_key``) are pooled as above: the points' ``x``, ``y`` (or ``x_key``, ``y_key``)
+        as stored in the element, without applying its coordinate transformations.
     size_um
         Footprint: disc diameter (``grid="hex"``) or square side (``grid="square"``), in µm.
         Visium: 55; legacy ST: 100.
@@ -94,6 +100,11 @@ def pool(
     image
         DataFrame input: the registered H&E, an ``(height, width, 3)`` array or a file path,
         attached to the result so methods can cut patches.
+    points_key
+        SpatialData input: the points element holding the transcripts (default: the only one).
+    table_key
+        SpatialData input: pool this table of bins instead (read with
+        :func:`sthisto.io.from_spatialdata`).
     key_added
         Name of the record ``uns['sthisto']['pool'][key_added]``.
     overwrite
@@ -143,16 +154,17 @@ def pool(
         raise InputError(f"min_bins={min_bins!r} must be a positive integer.")
     if not isinstance(key_added, str) or not key_added:
         raise InputError(f"key_added={key_added!r} must be a non-empty string.")
+    if type(data).__name__ == "SpatialData":
+        data = _from_spatialdata(data, points_key=points_key, table_key=table_key)
+        if isinstance(data, pd.DataFrame):  # SpatialData points name their coordinates x, y
+            x_key = x_key if x_key in data.columns else "x"
+            y_key = y_key if y_key in data.columns else "y"
+    elif points_key is not None or table_key is not None:
+        raise InputError(f"points_key / table_key apply to SpatialData input only; pool got {type(data).__name__}.")
     if isinstance(data, pd.DataFrame):
         source, items = _transcripts_source(data, library_id, x_key, y_key, gene_key, units, microns_per_pixel, image)
     elif hasattr(data, "obsm") and hasattr(data, "uns"):
         source, items = data, None
-    elif type(data).__name__ == "SpatialData":
-        raise InputError(
-            "pool takes an AnnData of bins or a DataFrame of transcripts. From a SpatialData object pass its bin "
-            "table (sdata.tables['square_008um']) with spatial coordinates, or its transcripts "
-            "(sdata.points['transcripts'].compute())."
-        )
     else:
         raise InputError(
             f"pool takes an AnnData of bins or a pandas DataFrame of transcripts, not {type(data).__name__}."
@@ -417,3 +429,26 @@ def _transcripts_source(frame, library_id, x_key, y_key, gene_key, units, mpp, i
         }
     }
     return source, (xy, codes, var)
+
+
+def _from_spatialdata(sdata, *, points_key: str | None, table_key: str | None) -> AnnData | pd.DataFrame:
+    """The transcripts (a pandas DataFrame) or the bin table (an AnnData) that ``pool`` reads from ``sdata``."""
+    if points_key is not None and table_key is not None:
+        raise InputError("give points_key (transcripts) or table_key (bins), not both.")
+    if table_key is not None:
+        from ..io._spatialdata import from_spatialdata
+
+        return from_spatialdata(sdata, table_key=table_key)
+    names = list(sdata.points.keys())
+    if points_key is None:
+        if len(names) != 1:
+            raise InputError(
+                f"the SpatialData object has points elements {names}; pass points_key='<name>' for its "
+                f"transcripts, or table_key='<name>' to pool a table of bins."
+            )
+        points_key = names[0]
+    if points_key not in sdata.points:
+        raise MissingKeyError(f"sdata.points has no {points_key!r}; it has {names}.")
+    points = sdata.points[points_key]
+    # points are a lazy dask frame; pooling needs every molecule once, in memory
+    return points.compute() if hasattr(points, "compute") else pd.DataFrame(points)
