@@ -162,6 +162,7 @@ def test_cache_survives_h5ad_round_trip(tmp_path, caplog):
     for lib, image in images.items():
         back.uns["spatial"][lib]["images"]["fullres"] = image
     # a name-resolved encoder is rebuilt; the configuration read back from h5ad must still match
+    caplog.clear()  # the first embedding logged "embedded ..." too
     with caplog.at_level(logging.INFO, logger="sthisto"):
         sthisto.pp.embed(back, encoder="handcrafted", patch_size_um=20.0, extra_features=("coords", "rgb_mean"))
     assert "reusing" in caplog.text and "embedded" not in caplog.text
