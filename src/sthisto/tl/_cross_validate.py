@@ -682,9 +682,10 @@ def _aligned_layer(block: np.ndarray, columns: np.ndarray, n_vars: int):
 def _reference_table(adata, key: str, method_results, layer, group_metrics, metric_frames) -> pd.DataFrame:
     """Scores of each spots-split model on its own training spots (a labelled reference figure)."""
     from ..encoders._provenance import with_weights_columns
+    from ._evaluate import training_mean_of, with_gene_mean_column
     from ._train import _targets
 
-    groups = []
+    groups, gene_mean_groups = [], []
     for task, result in method_results:
         observed, _, _ = _targets(
             adata, task.reference, result["genes"], layer=layer, variant=result["target"], need_counts=False
@@ -694,7 +695,14 @@ def _reference_table(adata, key: str, method_results, layer, group_metrics, metr
             observed, result["reference"], genes=result["genes"], where=f" (training spots of fold {task.fold!r})"
         )
         groups.append((task.fold, metrics, per_gene))
+        mean = training_mean_of(result)
+        if gene_mean_groups is not None and mean is not None:
+            constant = np.broadcast_to(np.asarray(mean), observed.shape)
+            gene_mean_groups.append((task.fold, *group_metrics(observed, constant, genes=result["genes"])))
+        else:
+            gene_mean_groups = None
     table, _ = metric_frames(groups)
+    with_gene_mean_column(table, gene_mean_groups)
     table.insert(0, "predicted", key)
     table.insert(1, "evaluated_on", "training_reference")
     entry = sthisto_uns(adata)[_FUNCTION][key]

@@ -16,6 +16,8 @@ from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from ..pp._patches import library_ids
 
+TARGET_MEAN_KEY = "target_mean"
+"""Key of ``model.trained_on`` holding each gene's training mean (model gene order)."""
 SELECTED_GENES_KEY = "sthisto_selected"
 """Default ``var`` column written by :func:`sthisto.pp.select_genes`; ``train`` uses it when present."""
 
@@ -289,9 +291,18 @@ def train(
         resume=resume,
         progress_bar=progress_bar,
     )
+    # The gene-mean predictor (each gene's training mean at every spot) is the floor every
+    # table is read against; tl.evaluate needs the mean the model saw, so it travels with it.
+    model.trained_on[TARGET_MEAN_KEY] = training_mean(targets)
     if store:
         store_model(adata, model, key_added=key_added, overwrite=overwrite)
     return model
+
+
+def training_mean(targets) -> list[float]:
+    """Each gene's mean over the training spots, as JSON-able floats (the gene-mean predictor)."""
+    values = targets.mean(axis=0) if hasattr(targets, "toarray") else np.asarray(targets, dtype=np.float64).mean(0)
+    return [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
 
 
 def _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed) -> None:
