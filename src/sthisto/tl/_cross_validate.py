@@ -682,7 +682,7 @@ def _aligned_layer(block: np.ndarray, columns: np.ndarray, n_vars: int):
 def _reference_table(adata, key: str, method_results, layer, group_metrics, metric_frames) -> pd.DataFrame:
     """Scores of each spots-split model on its own training spots (a labelled reference figure)."""
     from ..encoders._provenance import with_weights_columns
-    from ._evaluate import training_mean_of, with_gene_mean_column
+    from ._evaluate import RECIPE_COLUMN, training_mean_of, with_gene_mean_column
     from ._train import _targets
 
     groups, gene_mean_groups = [], []
@@ -706,9 +706,12 @@ def _reference_table(adata, key: str, method_results, layer, group_metrics, metr
     table.insert(0, "predicted", key)
     table.insert(1, "evaluated_on", "training_reference")
     entry = sthisto_uns(adata)[_FUNCTION][key]
-    return with_weights_columns(
+    table = with_weights_columns(
         table, str(entry["weights"]), random=bool(entry["random_weights"]), after="evaluated_on"
     )
+    recipes = [str(json.loads(result["trained_on"]).get("recipe", "unknown")) for _, result in method_results]
+    table.insert(list(table.columns).index("random_weights") + 1, RECIPE_COLUMN, " | ".join(dict.fromkeys(recipes)))
+    return table
 
 
 def _describe_rule(genes, gene_selection: str) -> str:

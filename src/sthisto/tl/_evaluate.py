@@ -71,6 +71,8 @@ GENE_MEANS = {
 }
 """Metrics averaged over the genes whose per-gene value (this ``per_gene`` column) is defined."""
 _MAX_NAMES_LISTED = 10
+RECIPE_COLUMN = "recipe"
+"""Column of the metrics tables: the training recipe of the model(s) behind the predictions."""
 GENE_MEAN_COLUMN = "gene_mean"
 """Column of the metrics tables: the row's metric scored by the gene-mean predictor."""
 GENE_MEAN_DEFINITION = (
@@ -954,6 +956,8 @@ def evaluate(
     weights, random_weights = _weights_of(entry)
     with_weights_columns(table, weights, random=random_weights)
     with_weights_columns(per_gene_table, weights, random=random_weights, after="gene")
+    recipe = _recipe_of(function, entry)
+    table.insert(list(table.columns).index("random_weights") + 1, RECIPE_COLUMN, recipe)
 
     protocol = _protocol(function, entry, [g for g, _, _ in results])
     adata = maybe_copy(adata, copy)
@@ -982,6 +986,7 @@ def evaluate(
             "seed": int(seed),
             "weights": weights,
             "random_weights": random_weights,
+            "recipe": recipe,
             "gene_mean": GENE_MEAN_DEFINITION
             if gene_mean_values is not None
             else "not available: the record of the predictions holds no training mean (gene_mean column is NaN)",
@@ -1029,6 +1034,19 @@ def _weights_of(entry: dict | None) -> tuple[str, bool]:
     if entry is None or _record_value(entry.get("weights")) is None:
         return "unknown", False
     return str(_record_value(entry["weights"])), bool(_record_value(entry.get("random_weights"), False))
+
+
+def _recipe_of(function: str | None, entry: dict | None) -> str:
+    """Training recipe(s) of the model(s) behind the predictions (``unknown`` without a record)."""
+    found = []
+    for info in _fold_entries(function, entry):
+        trained = _record_value(info.get("trained_on"))
+        try:
+            trained = json.loads(trained) if isinstance(trained, str) else trained
+        except json.JSONDecodeError:
+            trained = None
+        found.append(str(trained.get("recipe", "unknown")) if isinstance(trained, dict) else "unknown")
+    return " | ".join(dict.fromkeys(found)) if found else "unknown"
 
 
 def _target_text(entry: dict) -> str:

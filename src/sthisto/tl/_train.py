@@ -175,6 +175,7 @@ def train(
     progress_bar: bool = True,
     store: bool = True,
     overwrite: bool = False,
+    recipe: str = "paper",
     **method_params: Any,
 ):
     """Train a method on the spots of ``adata`` and store the trained model in ``uns``.
@@ -224,6 +225,18 @@ def train(
         Store the model record in ``uns['sthisto']['models'][key_added]``.
     overwrite
         Replace an existing stored model with the same key.
+    recipe
+        How the network is optimised. ``"paper"`` (default): each paper's settings, unchanged.
+        ``"small_data"``: the same architecture and loss, optimised to learn from few sections:
+        per-gene target scaling folded back into the output layer, output bias at the training
+        mean, standardised input features, weight decay ``1e-4`` (unless ``weight_decay=`` is
+        given), linear warm-up then cosine decay, and, unless ``validation=`` is given,
+        validation on held-aside training data (15 % of the training spots, or the last
+        training section when there are four or more) with early stopping (patience: a tenth
+        of the epochs, at least 10; or ``early_stopping=``). Recorded in
+        ``model.trained_on['recipe']`` and the ``recipe`` column of metrics tables. See
+        :mod:`sthisto.engine._recipes` and the methods page. Closed-form methods (ridge) are
+        unaffected.
     **method_params
         Network, data and training parameters of the method (e.g. ``lr``, ``patch_size_um``,
         ``depth``); unknown names raise an error listing the valid ones.
@@ -257,6 +270,15 @@ def train(
     train_index = _resolve_train_index(adata, train_mask)
     params = {**variant_params, **method_params}
     cls.split_params(params)  # unknown parameter names fail here, before any work
+    from ..engine._recipes import check_recipe, default_patience, default_validation
+
+    recipe = check_recipe(recipe)
+    if recipe == "small_data" and cls.network_class is not None:
+        if validation is None:
+            validation = default_validation(sorted(set(library_ids(adata)[train_index])))
+        if early_stopping is None:
+            epochs = max_epochs if max_epochs is not None else {**cls.all_training_defaults(), **params}["max_epochs"]
+            early_stopping = default_patience(int(epochs))
     _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed)
     # Targets are validated before the model is configured: configuring may embed images
     # (feature-based methods), and a refused call must leave adata unchanged.
@@ -272,25 +294,40 @@ def train(
     model = cls.configure(adata, genes=chosen_genes, train_index=train_index, params=params)
     model.check_inputs(adata, train_index)
     model.data_params["target_layer"] = layer
-    model.fit(
-        adata,
-        train_index,
-        targets=targets,
-        counts=counts,
-        size_factors=sizes,
-        validation=validation,
-        early_stopping=early_stopping,
-        seed=seed,
-        max_epochs=max_epochs,
-        device=device,
-        devices=devices,
-        strategy=strategy,
-        num_nodes=num_nodes,
-        precision=precision,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        progress_bar=progress_bar,
-    )
+    scale = None
+    fit_targets = targets
+    if recipe == "small_data":
+        from ..engine._recipes import prepare
+
+        fit_targets, scale = prepare(model, adata, train_index, targets, user_params=params)
+        model._recipe = recipe
+    try:
+        model.fit(
+            adata,
+            train_index,
+            targets=fit_targets,
+            counts=counts,
+            size_factors=sizes,
+            validation=validation,
+            early_stopping=early_stopping,
+            seed=seed,
+            max_epochs=max_epochs,
+            device=device,
+            devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            precision=precision,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress_bar=progress_bar,
+        )
+    finally:
+        model.__dict__.pop("_recipe", None)
+    if scale is not None:
+        from ..engine._recipes import fold_output_scale
+
+        fold_output_scale(model, scale)
+    model.trained_on["recipe"] = recipe
     # The gene-mean predictor (each gene's training mean at every spot) is the floor every
     # table is read against; tl.evaluate needs the mean the model saw, so it travels with it.
     model.trained_on[TARGET_MEAN_KEY] = training_mean(targets)
