@@ -69,14 +69,17 @@ def default_patience(epochs: int) -> int:
 
 
 def output_layer(network, n_genes: int):
-    """The last ``nn.Linear`` with one output per gene (where the scale and mean are set)."""
+    """The network's last ``nn.Linear`` when it has one output per gene and a bias, else None.
+
+    Only the very last linear layer qualifies: an earlier one whose width merely equals the
+    number of genes (a hidden layer) is not the output.
+    """
     from torch import nn
 
-    found = None
-    for module in network.modules():
-        if isinstance(module, nn.Linear) and module.out_features == n_genes and module.bias is not None:
-            found = module
-    return found
+    linear = [module for module in network.modules() if isinstance(module, nn.Linear)]
+    if not linear or linear[-1].out_features != n_genes or linear[-1].bias is None:
+        return None
+    return linear[-1]
 
 
 def target_scale(targets) -> np.ndarray:

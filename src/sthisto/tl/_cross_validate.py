@@ -431,7 +431,11 @@ def cross_validate(
         Replace existing outputs under the same keys.
     **train_params
         Passed to :func:`sthisto.tl.train` for every fold (``max_epochs``, ``validation``,
-        ``device``, method parameters such as ``lr``).
+        ``device``, ``recipe="paper" | "small_data"``, method parameters such as ``lr``).
+        Two calls that differ only in ``recipe`` compare the recipes on identical folds; the
+        table's ``recipe`` column says which one trained each row's models, and its
+        ``gene_mean`` column scores each fold's gene-mean predictor (see
+        :func:`sthisto.tl.evaluate`).
 
     Returns
     -------
