@@ -234,9 +234,9 @@ def train(
         validation on held-aside training data (15 % of the training spots, or the last
         training section when there are four or more) with early stopping (patience: a tenth
         of the epochs, at least 10; or ``early_stopping=``). Recorded in
-        ``model.trained_on['recipe']`` and the ``recipe`` column of metrics tables. See
-        :mod:`sthisto.engine._recipes` and the methods page. Closed-form methods (ridge) are
-        unaffected.
+        ``model.trained_on['recipe']`` and the ``recipe`` column of metrics tables; what each
+        change is for is on the methods page ("Training recipes"). Closed-form methods (ridge)
+        are unaffected.
     **method_params
         Network, data and training parameters of the method (e.g. ``lr``, ``patch_size_um``,
         ``depth``); unknown names raise an error listing the valid ones.
