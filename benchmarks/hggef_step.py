@@ -89,15 +89,12 @@ def _section(n_spots: int, seed: int = 0):
 
 # ---------------------------------------------------------------------------- naive baseline
 def _naive_attention_forward(self, x, mask=None):
-    import torch
-
     batch, tokens, _ = x.shape
     q, k, v = self.to_qkv(x).view(batch, tokens, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
     scores = q @ k.transpose(-1, -2) / math.sqrt(self.dim_head)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    attention = torch.nn.functional.dropout(scores.softmax(-1), p=self.attn_dropout, training=self.training)
-    out = (attention @ v).transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
     return self.out_dropout(self.to_out(out))
 
 
@@ -153,7 +150,7 @@ def make_naive(net):
     patched = 0
     for module in net.modules():
         if isinstance(module, MultiHeadSelfAttention) and all(
-            hasattr(module, a) for a in ("to_qkv", "heads", "dim_head", "to_out", "out_dropout", "attn_dropout")
+            hasattr(module, a) for a in ("to_qkv", "heads", "dim_head", "to_out", "out_dropout")
         ):
             module.forward = types.MethodType(_naive_attention_forward, module)
             patched += 1

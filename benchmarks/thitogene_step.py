@@ -110,7 +110,6 @@ def _naive_class():
         n = x.shape[0]
         q, k, v = module.to_qkv(x).view(n, 3, module.heads, module.dim_head).permute(1, 2, 0, 3)
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(module.dim_head), dim=-1)
-        weights = F.dropout(weights, module.attn_dropout, module.training)
         out = (weights @ v).transpose(0, 1).reshape(n, -1)
         return module.out_dropout(module.to_out(out))
 
@@ -125,7 +124,10 @@ def _naive_class():
             )
             e = torch.where(adjacency, e, torch.full_like(e, -9e15))
             alpha = F.dropout(torch.softmax(e, dim=1), module.dropout, module.training)
-            heads.append(alpha @ wh)
+            aggregate = alpha @ wh
+            if module.self_term:  # paper eq. (16)
+                aggregate = torch.cat([wh, aggregate], dim=1) @ module.self_weight[h].t() + module.self_bias[h]
+            heads.append(aggregate)
         return torch.cat(heads, dim=1) if module.concat else torch.stack(heads).mean(0)
 
     class NaiveTHItoGeneNet(THItoGeneNet):

@@ -17,7 +17,7 @@ from sthisto.cli import main, parse_params
 from sthisto.models import ExpressionModel
 
 torch.set_num_threads(1)
-COMMANDS = ["train", "predict", "superresolve", "cross-validate", "evaluate", "demo"]
+COMMANDS = ["train", "predict", "calibrate", "superresolve", "cross-validate", "evaluate", "demo"]
 
 
 class _CliNet(nn.Module):

@@ -64,3 +64,50 @@ def test_import_sthisto_stays_light():
         """
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_import_sthisto_does_not_look_up_its_version_in_the_metadata():
+    # importlib.metadata scans every installed distribution: most of import time before.
+    result = _run(
+        """
+        import sys
+        import sthisto
+        assert "importlib.metadata" not in sys.modules
+        version = sthisto.__version__
+        assert isinstance(version, str) and version[0].isdigit(), version
+        from sthisto import __version__
+        assert __version__ == version
+        """
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_version_falls_back_to_the_metadata_in_a_source_tree_without_version_file():
+    result = _run(
+        """
+        import sys
+        sys.modules["sthisto._version"] = None  # as if _version.py were never written
+        import sthisto
+        assert "importlib.metadata" not in sys.modules
+        assert isinstance(sthisto.__version__, str) and sthisto.__version__
+        assert "importlib.metadata" in sys.modules
+        """
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_users_own_import_of_timm_works_after_import_sthisto():
+    # Beside CPU torch a CUDA torchvision wheel fails on import until the step has run; the
+    # finder installed by `import sthisto` runs it on the first torchvision import, not before.
+    result = _run(
+        """
+        import sys
+        import sthisto
+        assert "torch" not in sys.modules
+        import timm
+        import torchvision
+        assert not any(type(f).__name__ == "_TorchvisionImportHook" for f in sys.meta_path)
+        import lightning
+        """
+    )
+    assert result.returncode == 0, result.stderr

@@ -11,6 +11,7 @@ import tifffile
 from sthisto._anndata import check_writable, record, write
 from sthisto._errors import InputError, KeyExistsError, MissingKeyError, NoImageError
 from sthisto._images import ImageSource, check_image_array, image_source, open_image_file
+from sthisto._logging import HINT
 from sthisto.pp import PatchDataset, PatchSpec
 
 
@@ -47,7 +48,7 @@ def _adata_with_image(image: np.ndarray, spots_xy: np.ndarray, *, mpp: float, li
 
 def test_write_refuses_to_overwrite_and_logs(caplog):
     adata = ad.AnnData(np.zeros((3, 2)))
-    with caplog.at_level("INFO", logger="sthisto"):
+    with caplog.at_level(HINT, logger="sthisto"):  # each key written is logged at hint
         write(adata, "layers", "pred", np.ones((3, 2)))
     assert "adata.layers['pred']" in caplog.text
     with pytest.raises(KeyExistsError, match="overwrite=True"):

@@ -265,7 +265,7 @@ def test_methods_compared_on_identical_folds(data):
     assert not np.allclose(adata.layers["cv_tiny_cv"][~s02], adata.layers["cv_tiny_cv_wide"][~s02])
     # evaluate sees only the tested sections
     assert set(table.loc[table["scope"] == "group", "group"]) == {"S01", "S03"}
-    ax = sthisto.pl.metrics_heatmap(adata, "cv")
+    ax = sthisto.pl.metrics_heatmap(adata, "cv", show=False)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["tiny_cv", "tiny_cv_wide"]
     import matplotlib.pyplot as plt
 

@@ -15,6 +15,8 @@ from sthisto.models.hggef import (
     HGGEFNet,
     augment_patches,
     hggef_loss,
+    sample_augmentations,
+    self_distillation_loss,
 )
 from sthisto.models.layers.central_difference import CentralDifferenceConv2d
 from sthisto.models.layers.hypergraph import HypergraphAssociation, build_hyperedges, incidence_scores
@@ -135,25 +137,67 @@ def test_paper_rule_hyperedges_by_hand():
 
 
 def test_reference_rule_hyperedges_by_hand():
-    # Graph: neighbours within 2 grid units, both directions, plus a duplicate edge.
+    # Graph: neighbours within 2 grid units, both directions, plus a duplicate edge (counted once).
     pairs = [(i, j) for i in range(6) for j in range(6) if i != j and abs(i - j) <= 2]
     pairs.append((4, 2))
     edge_index = torch.tensor(pairs).T  # row 0 = neighbour, row 1 = spot
     index, weight = build_hyperedges(LINE_FEATURES, LINE_POSITIONS, k=3, rule="reference", edge_index=edge_index)
-    groups = _members(index, 6)
-    # The largest scores among graph neighbours, in decreasing order, after the spot itself.
-    expected = {
-        0: [0, 1, 2],  # neighbours 1 (1.0), 2 (0.5)
-        1: [1, 0, 2, 3],  # 1.0, 0.9, 0.6
-        2: [2, 4, 1, 3],  # 1.2, 0.9, 0.7 — spot 0 (0.5), the most similar, is dropped
-        3: [3, 5, 2, 1],  # 0.8, 0.7, 0.6 — spot 4 (0.5) dropped
-        4: [4, 2, 3, 5],  # 1.2, 0.5, 0.3
-        5: [5, 3, 4],  # 0.8, 0.3
+    # r(i, j) = A[i, j] / degree(i) + |f_i - f_j| / Σ_l |f_i - f_l|; degrees 2, 3, 4, 4, 3, 2;
+    # feature-distance row sums 34, 20, 30, 20, 22, 26. top(i): the 4 largest, decreasing.
+    top = {
+        0: [1, 2, 5, 4],  # 1/2 + 8/34, 1/2 + 1/34, 10/34, 9/34
+        1: [0, 2, 3, 5],  # 1/3 + 8/20, 1/3 + 7/20, 1/3 + 2/20, 2/20
+        2: [4, 1, 3, 5],  # 1/4 + 8/30, 1/4 + 7/30, 1/4 + 5/30, 9/30: non-neighbour 5 beats neighbour 0
+        3: [2, 5, 4, 1],  # 1/4 + 5/20, 1/4 + 4/20, 1/4 + 3/20, 1/4 + 2/20
+        4: [2, 3, 0, 5],  # 1/3 + 8/22, 1/3 + 3/22, 9/22, 1/3 + 1/22
+        5: [3, 4, 0, 2],  # 1/2 + 4/26, 1/2 + 1/26, 10/26, 9/26
     }
-    assert groups == expected
-    # Per-pair scores in incidence order, handed over as if they were per-hyperedge weights.
-    expected_weights = [1.0, 0.5, 1.0, 0.9, 0.6, 1.2, 0.9, 0.7, 0.8, 0.7, 0.6, 1.2, 0.5, 0.3, 0.8, 0.3]
-    np.testing.assert_allclose(weight.numpy(), expected_weights, atol=1e-6)
+    assert index.tolist() == [[i for i in range(6) for _ in range(4)], [j for i in range(6) for j in top[i]]]
+    # Hyperedge j = {i : j in top(i)}: the spots that chose j; j itself is never among them here.
+    assert {e: sorted(m) for e, m in _members(index, 6).items()} == {
+        0: [1, 4, 5],
+        1: [0, 2, 3],
+        2: [0, 1, 3, 4, 5],
+        3: [1, 2, 4, 5],
+        4: [0, 2, 3, 5],
+        5: [0, 1, 2, 3, 4],
+    }
+    # The chosen scores, spot by spot, handed over as if they were per-hyperedge weights.
+    expected_weights = [
+        *(1 / 2 + 8 / 34, 1 / 2 + 1 / 34, 10 / 34, 9 / 34),
+        *(1 / 3 + 8 / 20, 1 / 3 + 7 / 20, 1 / 3 + 2 / 20, 2 / 20),
+        *(1 / 4 + 8 / 30, 1 / 4 + 7 / 30, 1 / 4 + 5 / 30, 9 / 30),
+        *(1 / 4 + 5 / 20, 1 / 4 + 4 / 20, 1 / 4 + 3 / 20, 1 / 4 + 2 / 20),
+        *(1 / 3 + 8 / 22, 1 / 3 + 3 / 22, 9 / 22, 1 / 3 + 1 / 22),
+        *(1 / 2 + 4 / 26, 1 / 2 + 1 / 26, 10 / 26, 9 / 26),
+    ]
+    np.testing.assert_allclose(weight.numpy(), expected_weights, rtol=1e-5)
+    # Row chunks change nothing.
+    chunked = build_hyperedges(
+        LINE_FEATURES, LINE_POSITIONS, k=3, rule="reference", edge_index=edge_index, max_entries=6
+    )
+    assert torch.equal(chunked[0], index) and torch.allclose(chunked[1], weight)
+
+
+def test_reference_hypergraph_weights_reach_the_convolution():
+    """Hyperedge j gets the j-th chosen score: the node degrees of HypergraphConv follow it."""
+    from torch_geometric.nn import HypergraphConv
+
+    pairs = [(i, j) for i in range(6) for j in range(6) if i != j and abs(i - j) <= 2]
+    edge_index = torch.tensor(pairs).T
+    torch.manual_seed(0)
+    module = HypergraphAssociation(4, 8, rule="reference", dropout=0.0).eval()
+    x = torch.randn(6, 4)
+    index, weight = build_hyperedges(x, LINE_POSITIONS, k=3, rule="reference", edge_index=edge_index)
+    conv1, conv2 = HypergraphConv(4, 8), HypergraphConv(8, 4)
+    conv1.load_state_dict(module.conv1.state_dict())
+    conv2.load_state_dict(module.conv2.state_dict())
+    hidden = module.norm(torch.relu(conv1(x, index, weight[:6])))
+    expected = x + conv2(hidden, index, weight[:6])
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, LINE_POSITIONS, edge_index), expected)
+        unweighted = x + conv2(module.norm(torch.relu(conv1(x, index))), index)
+    assert not torch.allclose(expected, unweighted)
 
 
 def test_reference_rule_needs_a_graph():
@@ -189,18 +233,37 @@ def test_hypergraph_module_is_residual_and_deterministic_in_eval():
 
 
 # ---------------------------------------------------------------- whole network
+# Parameters of the authors' modules at 785 genes, module by module (measured on their code):
+# the total alone hides differences that cancel.
+AUTHORS_PARAMETERS = {
+    "gem": 168,  # 3×3 conv + bias 84, BN 6; bias-free plus-shaped CDC 45, BN 6; 1×1 fuse 21, BN 6
+    "trunk": 341_792,  # shufflenet_v2_x0_5 without its classifier
+    "stages": 1_399_081,  # 17,443 + 198,819 + 1,182,819 (CBAM with a biased 7×7 conv)
+    "position": 2 * 64 * 1024,
+    "transformers": 3 * 4 * 6_298_624,
+    "hypergraph": 524_800 + 1024 + 525_312,
+    "lstm": 4 * 4 * (2 * 1024 * 1024 + 2 * 1024),
+    "head": 2 * 1024 + 1024 * 785 + 785,
+    "zinb": 3 * (1024 * 785 + 785),
+    "view_weight": 1024 * 1024 + 1024 + 1024 + 1,
+}
+
+
+def _module_counts(net) -> dict[str, int]:
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in net.named_children()}
+
+
 def test_parameter_count_matches_the_authors_modules():
     with torch.device("meta"):
         paper = HGGEFNet(785, backbone_weights=None)
         reference = HGGEFNet(785, variant="reference", backbone_weights=None)
         full_kernel = HGGEFNet(785, cdc_kernel="full", backbone_weights=None)
-    # Measured on the authors' modules (plus-shaped 5-tap CDC kernel), pinned for the default:
+    assert _module_counts(paper) == AUTHORS_PARAMETERS
+    assert _module_counts(reference) == AUTHORS_PARAMETERS
+    assert sum(AUTHORS_PARAMETERS.values()) == 116_365_110
     assert sum(p.numel() for p in paper.parameters()) == 116_365_110
-    assert sum(p.numel() for p in reference.parameters()) == 116_365_110
     # CDCN's full 3 × 3 kernel learns 3 · 3 · (9 − 5) = 36 more weights.
-    assert sum(p.numel() for p in full_kernel.parameters()) == 116_365_110 + 36
-    assert sum(p.numel() for p in paper.view_weight.parameters()) == 1024 * 1024 + 1024 + 1024 + 1
-    assert sum(p.numel() for p in paper.zinb.parameters()) == 3 * (1024 * 785 + 785)
+    assert _module_counts(full_kernel) == {**AUTHORS_PARAMETERS, "gem": 168 + 36}
 
 
 @pytest.mark.parametrize("variant", ["paper", "reference"])
@@ -222,13 +285,66 @@ def test_distillation_outputs_in_training(section):
     net = _tiny(distillation=True, n_views=2, checkpointing=True, chunk_size=16).train()
     out = net(section["patches"], section["positions"], section["edge_index"])
     n = section["patches"].shape[0]
-    assert out["view_predictions"].shape == (3, n, N_GENES)
+    assert out["view_predictions"].shape == (2, n, N_GENES)  # the augmented views only
     torch.testing.assert_close(out["view_weights"].sum(0), torch.ones(n))
-    torch.testing.assert_close(out["view_predictions"][0], out["prediction"])
     losses = hggef_loss(out, section)
     assert losses["distillation"] > 0
     losses["loss"].backward()
     assert net.view_weight[0].weight.grad.abs().sum() > 0  # the weight head learns
+
+
+def test_self_distillation_is_the_codes_term_by_hand():
+    # Two views, two spots, one gene: weighted views' prediction against the main prediction.
+    views = torch.tensor([[[1.0], [4.0]], [[3.0], [0.0]]])
+    weights = torch.tensor([[0.25, 0.5], [0.75, 0.5]])
+    prediction = torch.tensor([[2.0], [1.0]], requires_grad=True)
+    loss = self_distillation_loss(views, weights, prediction)
+    # weighted: spot 0 → 0.25·1 + 0.75·3 = 2.5, spot 1 → 0.5·4 + 0.5·0 = 2; (0.5² + 1²) / 2
+    torch.testing.assert_close(loss, torch.tensor(0.625))
+    loss.backward()  # not detached: the main prediction is pulled towards the views too
+    torch.testing.assert_close(prediction.grad, torch.tensor([[-0.5], [-1.0]]))
+    # The term enters HGGEF's loss with weight 0.5 beside MSE (and ZINB, off here).
+    outputs = {"prediction": prediction.detach(), "view_predictions": views, "view_weights": weights}
+    target = torch.tensor([[2.0], [3.0]])
+    losses = hggef_loss(outputs, {"target": target}, zinb_weight=0.0)
+    torch.testing.assert_close(losses["loss"], torch.tensor(2.0 + 0.5 * 0.625))
+
+
+def test_one_augmentation_draw_per_view_for_the_whole_section():
+    generator = torch.Generator().manual_seed(0)
+    draws = [sample_augmentations(7, generator=generator) for _ in range(200)]
+    for params in draws:
+        assert params.shape == (7, 3) and torch.equal(params, params[:1].expand(7, 3))
+    angles = torch.stack([params[0, 1] for params in draws])
+    assert angles.min() >= -90 and angles.max() <= 90 and angles.std() > 30
+    grayscale = torch.stack([params[0, 0] for params in draws]).mean()
+    flips = torch.stack([params[0, 2] for params in draws]).mean()
+    assert 0.03 < grayscale < 0.2 and 0.1 < flips < 0.3
+
+
+def test_training_schedule_is_the_papers():
+    from sthisto.models.hggef import HGGEF
+
+    model = HGGEF([f"g{i}" for i in range(N_GENES)], network_params=dict(TINY_CONFIG))
+    assert model.training_params["lr"] == 1e-5 and model.training_params["max_epochs"] == 400
+    optimiser = model.configure_optimizers(model.network)
+    assert isinstance(optimiser, torch.optim.Adam)  # no scheduler: the rate stays 1e-5
+    assert optimiser.param_groups[0]["lr"] == 1e-5
+
+
+def test_reference_variant_runs_the_codes_500_epochs():
+    import sthisto
+    from sthisto.models.hggef import HGGEF
+
+    adata = sthisto.datasets.synthetic(n_sections=1, n_spots=20, n_genes=4, seed=0)
+    genes = list(adata.var_names)
+    train_index = np.arange(adata.n_obs)
+    reference = HGGEF.configure(
+        adata, genes=genes, train_index=train_index, params={**TINY_CONFIG, "variant": "reference"}
+    )
+    paper = HGGEF.configure(adata, genes=genes, train_index=train_index, params=dict(TINY_CONFIG))
+    assert reference.training_params["max_epochs"] == 500 and paper.training_params["max_epochs"] == 400
+    assert isinstance(reference.configure_optimizers(reference.network), torch.optim.Adam)
 
 
 def test_chunked_forward_equals_whole_section(section):

@@ -300,3 +300,32 @@ def test_tile_sampler_on_a_her2st_slide(her2st_dir):
     assert len(tiles) >= 48
     fractions = tissue_mask(tiles.permute(0, 2, 3, 1).numpy()).mean(axis=(1, 2))
     assert (fractions >= 0.5).all()
+
+
+def test_reference_variant_uses_the_codes_target():
+    """The authors' code: counts / total over all genes × 1e4, then log10(1 + x)."""
+    import sthisto
+    from sthisto.models.histospace import HistoSPACE
+    from sthisto.pp._normalize import normalize_counts
+
+    adata = sthisto.datasets.synthetic(n_sections=1, n_spots=12, n_genes=5, seed=0)
+    index = np.arange(adata.n_obs)
+    genes = list(adata.var_names[:3])
+    tiny = {"hidden": 16, "patch_size": 32}
+    reference = HistoSPACE.configure(adata, genes=genes, train_index=index, params={**tiny, "variant": "reference"})
+    paper = HistoSPACE.configure(adata, genes=genes, train_index=index, params=dict(tiny))
+    assert reference.data_params["target"] == "log10_1e4_total"
+    assert paper.data_params["target"] == "log1p_1e4_total"
+    counts = np.array([[1.0, 3.0, 0.0, 6.0], [0.0, 0.0, 0.0, 0.0]])
+    selected, totals = counts[:, :2], counts.sum(axis=1)
+    target = normalize_counts(selected, "log10_1e4_total", library_size=totals)
+    expected = np.array([[np.log10(1 + 1e4 / 10), np.log10(1 + 3e4 / 10)], [0.0, 0.0]])
+    np.testing.assert_allclose(target, expected, rtol=1e-6)
+    # pp.normalize writes the same values for the selected genes.
+    frame = sthisto.datasets.synthetic(n_sections=1, n_spots=12, n_genes=5, seed=0)
+    sthisto.pp.normalize(frame, variant="log10_1e4_total", genes=genes)
+    raw = np.asarray(frame.X.toarray() if hasattr(frame.X, "toarray") else frame.X, dtype=np.float64)
+    written = frame.layers["sthisto_target"]
+    written = written.toarray() if hasattr(written, "toarray") else written
+    manual = np.log10(1 + raw / raw.sum(axis=1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(written, manual, rtol=1e-5, atol=1e-6)

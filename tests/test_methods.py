@@ -120,6 +120,9 @@ def test_a_pickle_planted_in_a_saved_model_is_never_executed(trained, tmp_path):
     with pytest.raises(InputError, match="weights"):
         sthisto.io.load_model(folder)
     (folder / "model.pt").write_bytes(payload)  # and one beside a valid save
+    with pytest.raises(InputError, match=r"model\.pt"):  # overwriting never deletes files it did not write
+        model.save(folder, overwrite=True)
+    (folder / "model.pt").unlink()
     model.save(folder, overwrite=True)
     (folder / "model.pt").write_bytes(payload)
     sthisto.io.load_model(folder)

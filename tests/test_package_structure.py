@@ -4,7 +4,9 @@
 - functions take the data object first, at most three positional parameters, everything
   else keyword-only;
 - functions writing results name them with ``key_added`` and refuse to overwrite unless
-  ``overwrite=True``; their Returns section says where results land.
+  ``overwrite=True``; their Returns section says where results land;
+- every parameter and return value is annotated;
+- plots take ``show=`` / ``return_fig=`` / ``save=`` as scanpy's do.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ DATA_FIRST = {"adata", "sdata", "data", "adata_or_sdata", "sdata_or_adata"}
 # Functions whose first argument is not an AnnData by nature (paths, names, arrays, models).
 NOT_DATA_FIRST = {
     "io.read_her2st",
+    "io.read_hest",
     "io.read_visium",
     "io.read_image",
     "io.load_model",
@@ -39,6 +42,8 @@ NOT_DATA_FIRST = {
     "tl.list_methods",
     "datasets.synthetic",
     "datasets.synthetic_he_image",
+    "datasets.synthetic_bins",
+    "datasets.synthetic_transcripts",
     "datasets.her2st_785_genes",
     "pp.normalize_counts",
     "pp.size_factors",
@@ -124,3 +129,21 @@ def test_copy_contract_is_documented(name):
     assert inspect.signature(function).parameters["copy"].default is False
     returns = inspect.getdoc(function).split("Returns\n-------", 1)[1]
     assert "None" in returns or "copy" in returns, f"sthisto.{name} must say it returns None in place / the copy"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in FUNCTIONS if n.startswith("pl.")))
+def test_plots_follow_scanpys_show_and_return_fig(name):
+    parameters = inspect.signature(FUNCTIONS[name]).parameters
+    for option, default in (("show", None), ("return_fig", False), ("save", None)):
+        assert option in parameters, f"sthisto.{name} lacks {option}= (scanpy's plotting convention)"
+        assert parameters[option].kind == inspect.Parameter.KEYWORD_ONLY and parameters[option].default is default
+    returns = inspect.getdoc(FUNCTIONS[name]).split("Returns\n-------", 1)[1]
+    assert "None" in returns, f"sthisto.{name}'s Returns section must say it returns None when it shows the figure"
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_annotated(name):
+    signature = inspect.signature(FUNCTIONS[name])
+    bare = [p.name for p in signature.parameters.values() if p.annotation is inspect.Parameter.empty]
+    assert not bare, f"sthisto.{name}: annotate {bare} (e.g. adata: AnnData)"
+    assert signature.return_annotation is not inspect.Signature.empty, f"sthisto.{name} needs a return annotation"

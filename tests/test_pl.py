@@ -129,12 +129,15 @@ def test_gene_maps_image(tmp_path):
         layers=["observed", "predicted", (_superresolved(adata), "superres")],
         titles=["observed", "predicted", "super-resolved"],
         panel_size=1.6,
+        show=False,
     )
     _check_image(fig, "gene_maps", tmp_path)
 
 
 def test_metric_distribution_image(two_sections, tmp_path):
-    ax = sthisto.pl.metric_distribution(two_sections, ["pred_a", "pred_b"], palette=["tab:blue", "tab:orange"])
+    ax = sthisto.pl.metric_distribution(
+        two_sections, ["pred_a", "pred_b"], palette=["tab:blue", "tab:orange"], show=False
+    )
     _check_image(ax.figure, "metric_distribution", tmp_path)
 
 
@@ -147,7 +150,7 @@ def test_metrics_heatmap_image(tmp_path):
             "value": [0.11, 0.19, 0.15, 0.21, 0.33, 0.27],
         }
     )
-    ax = sthisto.pl.metrics_heatmap(table)
+    ax = sthisto.pl.metrics_heatmap(table, show=False)
     _check_image(ax.figure, "metrics_heatmap", tmp_path)
 
 
@@ -157,12 +160,14 @@ def test_training_curves_image(tmp_path):
         "train_loss": [1.0, 0.7, 0.5, 0.42, 0.4],
         "val_loss": [1.1, 0.8, 0.65, 0.66, 0.7],
     }
-    ax = sthisto.pl.training_curves(history)
+    ax = sthisto.pl.training_curves(history, show=False)
     _check_image(ax.figure, "training_curves", tmp_path)
 
 
 def test_domain_maps_image(tmp_path):
-    fig = sthisto.pl.domain_maps(_section(), predicted="predicted", labels_key="label", kmeans_n_init=2, panel_size=2.2)
+    fig = sthisto.pl.domain_maps(
+        _section(), predicted="predicted", labels_key="label", kmeans_n_init=2, panel_size=2.2, show=False
+    )
     _check_image(fig, "domain_maps", tmp_path)
 
 
@@ -170,7 +175,7 @@ def test_domain_maps_image(tmp_path):
 def test_gene_maps_share_one_colour_scale_per_gene():
     adata = _section()
     adata.layers["predicted"][5, 0] = np.nan  # drawn in the missing colour, ignored by the scale
-    fig = sthisto.pl.gene_maps(adata, ["G0", "G2"], layers=["observed", "predicted"], img_key=None)
+    fig = sthisto.pl.gene_maps(adata, ["G0", "G2"], layers=["observed", "predicted"], img_key=None, show=False)
     panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert len(panels) == 4
     for row, gene in enumerate(["G0", "G2"]):
@@ -216,7 +221,7 @@ def test_axes_and_save(two_sections, tmp_path):
 
 
 def test_metric_distribution_draws_the_per_gene_values(two_sections):
-    ax = sthisto.pl.metric_distribution(two_sections, ["pred_a", "pred_b"], metric="ssim")
+    ax = sthisto.pl.metric_distribution(two_sections, ["pred_a", "pred_b"], metric="ssim", show=False)
     per_gene = sthisto.tl.get_metrics(two_sections, "pred_a", per_gene=True)
     medians = sorted(
         line.get_ydata()[0] for line in ax.lines if len(line.get_ydata()) == 2 and line.get_color() == "black"
@@ -238,10 +243,10 @@ def test_training_curves_from_stored_records():
             "cv": {"folds": {f: {"history": json.dumps(history)} for f in ("A", "B")}, "genes": np.array(["G0"])}
         },
     }
-    ax = sthisto.pl.training_curves(adata, "m")
+    ax = sthisto.pl.training_curves(adata, "m", show=False)
     assert [tuple(line.get_ydata()) for line in ax.lines[:2]] == [(3.0, 2.0, 1.5), (3.2, 2.5, 2.6)]
     assert ax.lines[2].get_xdata()[0] == 1  # the kept epoch (lowest validation loss) is marked
-    ax = sthisto.pl.training_curves(adata, "cv")
+    ax = sthisto.pl.training_curves(adata, "cv", show=False)
     assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"A", "B"}
     with pytest.raises(MissingKeyError):
         sthisto.pl.training_curves(adata, "nothing")
@@ -254,13 +259,64 @@ def test_domain_map_ari_equals_evaluate():
     table = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed", labels_key="label",
                                 kmeans_n_init=3, leiden_connectivities="gauss", n_neighbors=8)  # fmt: skip
     ari = table.query("group == 'L1' and metric == 'ari_kmeans'")["value"].iloc[0]
-    fig = sthisto.pl.domain_maps(adata, predicted="predicted", labels_key="label", kmeans_n_init=3)
+    fig = sthisto.pl.domain_maps(adata, predicted="predicted", labels_key="label", kmeans_n_init=3, show=False)
     assert fig.axes[1].get_title().endswith(f"ARI = {ari:.3f}")
     fig = sthisto.pl.domain_maps(
-        adata, predicted="predicted", labels_key="label", method="leiden", leiden_connectivities="gauss", n_neighbors=8
+        adata,
+        predicted="predicted",
+        labels_key="label",
+        method="leiden",
+        leiden_connectivities="gauss",
+        n_neighbors=8,
+        show=False,
     )
     leiden = table.query("group == 'L1' and metric == 'ari_leiden'")["value"].iloc[0]
     assert fig.axes[1].get_title().endswith(f"ARI = {leiden:.3f}")
     # undetermined spots are grey in both panels
     faces = fig.axes[0].collections[0].get_facecolors()
     assert np.allclose(faces[0], matplotlib.colors.to_rgba("lightgrey"))
+
+
+# --- scanpy's show= / return_fig= -------------------------------------------------------------------
+def _calls(two_sections):
+    history = {"epoch": [0, 1], "train_loss": [2.0, 1.0], "val_loss": [2.5, 1.5]}
+    return {
+        "gene_maps": lambda **kw: sthisto.pl.gene_maps(_section(), "G1", layers=["observed"], img_key=None, **kw),
+        "domain_maps": lambda **kw: sthisto.pl.domain_maps(
+            _section(), predicted="predicted", labels_key="label", kmeans_n_init=2, **kw
+        ),
+        "metric_distribution": lambda **kw: sthisto.pl.metric_distribution(two_sections, "pred_a", **kw),
+        "metrics_heatmap": lambda **kw: sthisto.pl.metrics_heatmap(two_sections, ["pred_a", "pred_b"], **kw),
+        "training_curves": lambda **kw: sthisto.pl.training_curves(history, **kw),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["gene_maps", "domain_maps", "metric_distribution", "metrics_heatmap", "training_curves"]
+)
+def test_plots_show_once_and_return_none_by_default(name, two_sections, monkeypatch):
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(plt.get_fignums()))
+    call = _calls(two_sections)[name]
+    plt.close("all")
+    # A notebook cell ending in the call: shown by plt.show, and no Figure returned for IPython to show again.
+    assert call() is None and len(shown) == 1 and len(shown[0]) == 1
+    drawn = call(show=False)
+    assert len(shown) == 1 and isinstance(drawn, (matplotlib.figure.Figure, matplotlib.axes.Axes))
+    fig = call(return_fig=True)
+    assert len(shown) == 1 and isinstance(fig, matplotlib.figure.Figure)
+    plt.close("all")
+
+
+def test_plots_into_given_axes_are_not_shown_unless_asked(two_sections, monkeypatch):
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(True))
+    fig, axes = plt.subplots(1, 2)
+    assert sthisto.pl.metric_distribution(two_sections, "pred_a", ax=axes[0]) is axes[0]
+    assert (
+        sthisto.pl.training_curves({"epoch": [0], "train_loss": [1.0], "val_loss": [1.2]}, ax=axes[1], return_fig=True)
+        is fig
+    )
+    assert not shown
+    assert sthisto.pl.metrics_heatmap(two_sections, ["pred_a"], ax=axes[1], show=True) is None and shown
+    plt.close("all")

@@ -199,3 +199,52 @@ def test_real_her2st_grid(her2st_dir):
     # Spots well inside the tissue have all 8 neighbours within distance √2.
     full = np.bincount(edges[1], minlength=len(grid)) == 8
     assert full.mean() > 0.5
+
+
+# --------------------------------------------------------------------------- squidpy versions
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "new_name", "legacy"),
+    [
+        ("knn", {"n_neighbors": 4}, "spatial_neighbors_knn", {"coord_type": "generic", "n_neighs": 4}),
+        ("grid", {"n_neighbors": 4}, "spatial_neighbors_grid", {"coord_type": "grid", "n_neighs": 4}),
+        ("radius", {"radius": 1.5}, "spatial_neighbors_radius", {"coord_type": "generic", "radius": 1.5}),
+    ],
+)
+def test_spatial_graph_uses_squidpys_per_kind_functions_where_they_exist(monkeypatch, method, kwargs, new_name, legacy):
+    import squidpy
+
+    reference = make_sections()
+    sthisto.pp.spatial_graph(reference, method=method, **kwargs)
+    assert reference.uns["sthisto"]["spatial_graph"]["spatial"]["squidpy_function"] == (
+        "squidpy.gr.spatial_neighbors" if not hasattr(squidpy.gr, new_name) else f"squidpy.gr.{new_name}"
+    )
+
+    calls = []
+    original = squidpy.gr.spatial_neighbors
+
+    def per_kind(adata, **options):  # stands in for the newer squidpy's function
+        calls.append(options)
+        extra = {key: options.pop(key) for key in ("n_neighs", "radius") if key in options}
+        assert extra == {k: v for k, v in legacy.items() if k != "coord_type"}
+        return original(adata, coord_type=legacy["coord_type"], **extra, **options)
+
+    monkeypatch.setattr(squidpy.gr, new_name, per_kind, raising=False)
+    adata = make_sections()
+    sthisto.pp.spatial_graph(adata, method=method, **kwargs)
+    assert len(calls) == 1 and calls[0]["library_key"] == "library_id"
+    assert adata.uns["sthisto"]["spatial_graph"]["spatial"]["squidpy_function"] == f"squidpy.gr.{new_name}"
+    for key in ("spatial_connectivities", "spatial_distances"):
+        assert (adata.obsp[key] != reference.obsp[key]).nnz == 0
+
+
+def test_spatial_graph_falls_back_to_the_single_squidpy_function(monkeypatch):
+    import squidpy
+
+    for name in ("spatial_neighbors_knn", "spatial_neighbors_grid", "spatial_neighbors_radius"):
+        monkeypatch.delattr(squidpy.gr, name, raising=False)
+    adata = make_sections()
+    sthisto.pp.spatial_graph(adata, n_neighbors=4)
+    assert adata.uns["sthisto"]["spatial_graph"]["spatial"]["squidpy_function"] == "squidpy.gr.spatial_neighbors"
+    assert adata.obsp["spatial_connectivities"].sum(axis=1).A1.tolist() == [4] * adata.n_obs

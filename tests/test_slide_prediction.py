@@ -239,7 +239,7 @@ def test_slide_map_draws_predictions_over_the_slide(data, new_slide, tmp_path):
     model = sthisto.tl.train(data, "ridge_tiny", progress_bar=False, store=False)
     predicted = sthisto.tl.predict(sthisto.pp.tile(new_slide, spacing_um=100), model)
     genes = list(predicted.var_names[:3])
-    fig, axes = sthisto.pl.slide_map(predicted, genes, level="hires", save=tmp_path / "map.png")
+    fig, axes = sthisto.pl.slide_map(predicted, genes, level="hires", save=tmp_path / "map.png", show=False)
     assert len(axes) == 3 and (tmp_path / "map.png").stat().st_size > 0
     fig2, ax = plt.subplots()
     _, drawn = sthisto.pl.slide_map(predicted, genes[0], level=1, ax=ax)

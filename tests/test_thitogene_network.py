@@ -12,16 +12,10 @@ from torch.nn import functional as F
 
 from sthisto._errors import InputError
 from sthisto.models.layers import graph_attention as gat_module
-from sthisto.models.layers import transformer as transformer_module
 from sthisto.models.layers.capsules import SelfAttentionRouting, norm_relu_conv, squash
 from sthisto.models.layers.graph_attention import EdgeGraph, GraphAttention, _EdgeAggregate, segment_softmax
 from sthisto.models.layers.odconv import ODConv2d
-from sthisto.models.layers.transformer import (
-    _BlockwiseDropoutAttention,
-    dropout,
-    keep_mask,
-    quantised_keep,
-)
+from sthisto.models.layers.transformer import dropout, keep_mask, quantised_keep
 from sthisto.models.thitogene import THItoGeneNet
 
 
@@ -46,10 +40,27 @@ def n_parameters(module: torch.nn.Module) -> int:
 
 
 # --- the network ------------------------------------------------------------------------------
-def test_parameter_counts_match_the_authors_modules():
-    assert n_parameters(THItoGeneNet(785)) == 63_586_712
-    assert n_parameters(THItoGeneNet(171, depth=8)) == 109_136_690
-    assert n_parameters(THItoGeneNet(785, variant="reference")) == 63_586_712
+# Paper eq. (16) adds, per head of both graph-attention layers, ω_h (width, 2·width) and β_h:
+# 8 · (1024 · 2048 + 1024) + (512 · 1024 + 512) = 17,310,208 parameters.
+EQ16_PARAMETERS = 8 * (1024 * 2048 + 1024) + (512 * 1024 + 512)
+
+
+def test_parameter_counts():
+    with torch.device("meta"):
+        reference = THItoGeneNet(785, variant="reference")
+        reference_cscc = THItoGeneNet(171, depth=8, variant="reference")
+        paper = THItoGeneNet(785)
+        paper_cscc = THItoGeneNet(171, depth=8)
+    # The authors' modules (neighbour aggregate only).
+    assert n_parameters(reference) == 63_586_712
+    assert n_parameters(reference_cscc) == 109_136_690
+    # The paper default: the same plus eq. (16)'s weights and biases.
+    assert EQ16_PARAMETERS == 17_310_208
+    assert n_parameters(paper) == 80_896_920 == 63_586_712 + EQ16_PARAMETERS
+    assert n_parameters(paper_cscc) == 126_446_898 == 109_136_690 + EQ16_PARAMETERS
+    assert n_parameters(paper.gat) - n_parameters(reference.gat) == 8 * (1024 * 2048 + 1024)
+    assert n_parameters(paper.gat_out) - n_parameters(reference.gat_out) == 512 * 1024 + 512
+    assert n_parameters(THItoGeneNet(785, variant="reference", gat_self_term=True)) == 80_896_920
 
 
 def test_contract_and_output_shape():
@@ -225,7 +236,7 @@ def test_recomputed_transformer_and_graph_attention_match_stored():
 
 # --- graph attention ----------------------------------------------------------------------------
 def dense_gat(layer: GraphAttention, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-    """Paper eqs. (13)-(16) with an explicit N × N adjacency (no dropout)."""
+    """Paper eqs. (13)-(16) with an explicit N × N adjacency (no dropout); eq. (16) if the layer has it."""
     n = x.shape[0]
     adjacency = torch.zeros(n, n, dtype=torch.bool)
     adjacency[edge_index[1], edge_index[0]] = True  # row: target i, column: neighbour j
@@ -237,25 +248,38 @@ def dense_gat(layer: GraphAttention, x: torch.Tensor, edge_index: torch.Tensor) 
         pair = torch.cat([wh[:, None, :].expand(n, n, -1), wh[None, :, :].expand(n, n, -1)], dim=-1)
         e = F.leaky_relu(pair @ a, layer.negative_slope)
         alpha = torch.softmax(e.masked_fill(~adjacency, -math.inf), dim=1).nan_to_num(0.0)
-        heads.append(alpha @ wh)
+        aggregate = alpha @ wh
+        if layer.self_term:  # eq. (16): ω [W h_i ‖ aggregate_i] + β
+            aggregate = torch.cat([wh, aggregate], dim=1) @ layer.self_weight[h].T + layer.self_bias[h]
+        heads.append(aggregate)
     return torch.cat(heads, dim=1) if layer.concat else torch.stack(heads).mean(0)
 
 
-def test_graph_attention_equals_the_dense_equations():
+@pytest.mark.parametrize("self_term", [False, True])
+def test_graph_attention_equals_the_dense_equations(self_term):
     torch.manual_seed(5)
     n = 9
     src = torch.tensor([1, 2, 3, 0, 4, 5, 6, 7, 8, 2, 1, 0, 5])
     dst = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 8])  # node 8 has one neighbour; all have ≥ 1
     edge_index = torch.stack([src, dst])
     edge_index_no_in = edge_index[:, dst != 4]  # node 4 then has no incoming edge
-    first = GraphAttention(6, 5, heads=3, concat=True, negative_slope=0.01).double().eval()
-    second = GraphAttention(15, 4, heads=1, concat=False, negative_slope=0.01).double().eval()
+    first = GraphAttention(6, 5, heads=3, concat=True, negative_slope=0.01, self_term=self_term).double().eval()
+    second = GraphAttention(15, 4, heads=1, concat=False, negative_slope=0.01, self_term=self_term).double().eval()
+    if self_term:
+        with torch.no_grad():
+            first.self_bias.normal_()  # zero-initialised; make the bias visible to the comparison
     x = torch.randn(n, 6, dtype=torch.double)
     for edges in (edge_index, edge_index_no_in):
         hidden = F.elu(first(x, edges))
         torch.testing.assert_close(hidden, F.elu(dense_gat(first, x, edges)))
         torch.testing.assert_close(F.elu(second(hidden, edges)), F.elu(dense_gat(second, hidden, edges)))
-    assert torch.all(first(x, edge_index_no_in)[4] == 0)  # no neighbours: zero message
+    isolated = first(x, edge_index_no_in)[4].view(3, 5)  # node 4 without neighbours
+    if self_term:  # its own feature still enters: ω_h[:, :width] W_h x_4 + β_h
+        own = (first.lin.weight @ x[4]).view(3, 5)
+        expected = torch.einsum("hc,hoc->ho", own, first.self_weight[..., :5]) + first.self_bias
+        torch.testing.assert_close(isolated, expected)
+    else:
+        assert torch.all(isolated == 0)  # the neighbour aggregate alone: zero
     _, alpha = first(x, edge_index, return_attention=True)
     sums = torch.zeros(n, 3, dtype=torch.double).index_add(0, dst, alpha)
     torch.testing.assert_close(sums, torch.ones(n, 3, dtype=torch.double))
@@ -359,58 +383,22 @@ def test_fused_norm_relu_conv_equals_the_modules():
 
 
 # --- attention with dropout on the CPU, dropout masks -----------------------------------------------
-def test_blockwise_dropout_attention(monkeypatch):
-    monkeypatch.setattr(transformer_module, "_ATTENTION_BLOCK_ELEMENTS", 2 * 4 * 7)  # 2 query blocks
-    torch.manual_seed(10)
-    q, k, v = (torch.randn(2, 2, 7, 3, dtype=torch.double, requires_grad=True) for _ in range(3))
-    mask = torch.rand(2, 7) > 0.3
-    mask[:, 0] = True
-
-    def seeded(mask):
-        def run(q, k, v):
-            torch.manual_seed(1)
-            return _BlockwiseDropoutAttention.apply(q, k, v, mask, 0.3)
-
-        return run
-
-    assert torch.autograd.gradcheck(seeded(mask), (q, k, v))
-    assert torch.autograd.gradcheck(seeded(None), (q, k, v))
-    # Without dropout it is ordinary attention.
-    exact = _BlockwiseDropoutAttention.apply(q, k, v, mask, 0.0)
-    torch.testing.assert_close(exact, F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]))
-    # With dropout it is unbiased: average many independent draws (copies of one head).
-    monkeypatch.setattr(transformer_module, "_ATTENTION_BLOCK_ELEMENTS", 1 << 22)
-    with torch.no_grad():
-        many = [t[:1, :1].expand(1, 4000, -1, -1) for t in (q, k, v)]
-        mean = _BlockwiseDropoutAttention.apply(*many, None, 0.5).mean(1, keepdim=True)
-    expected = F.scaled_dot_product_attention(q[:1, :1], k[:1, :1], v[:1, :1])
-    torch.testing.assert_close(mean, expected, atol=0.08, rtol=0)
-    # A query whose keys are all masked gets zeros and no NaN gradient.
-    none = mask.clone()
-    none[0] = False
-    monkeypatch.setattr(transformer_module, "_ATTENTION_BLOCK_ELEMENTS", 2 * 4 * 7)
-    out = _BlockwiseDropoutAttention.apply(q, k, v, none, 0.2)
-    out.sum().backward()
-    assert torch.all(out[0] == 0) and torch.isfinite(q.grad).all()
-
-
-def test_transformer_uses_the_blockwise_kernel_in_cpu_training(monkeypatch):
+def test_attention_weights_are_not_dropped_in_training():
+    """Dropout acts after the output projection only (papers and authors' code), not on the weights."""
     from sthisto.models.layers.transformer import MultiHeadSelfAttention
 
-    calls = []
-
-    class Spy:
-        @staticmethod
-        def apply(*args):
-            calls.append(args[3] is None)
-            return _BlockwiseDropoutAttention.apply(*args)
-
-    monkeypatch.setattr(transformer_module, "_BlockwiseDropoutAttention", Spy)
-    attention = MultiHeadSelfAttention(16, heads=2, dim_head=8, dropout=0.2)
+    torch.manual_seed(10)
+    attention = MultiHeadSelfAttention(16, heads=2, dim_head=8, dropout=0.5)
     x = torch.randn(1, 30, 16)
-    attention.train()(x).sum().backward()
-    attention.eval()(x)
-    assert calls == [True]  # training only; evaluation uses the fused kernel
+    expected = attention.eval()(x)
+    trained = attention.train()(x)
+    kept = trained != 0
+    assert 0.3 < kept.float().mean() < 0.7
+    # Every kept value is the evaluation value rescaled: nothing upstream of the projection changed.
+    torch.testing.assert_close(trained[kept], expected[kept] / quantised_keep(0.5))
+    with torch.no_grad():
+        attention.out_dropout.p = 0.0
+        torch.testing.assert_close(attention.train()(x), expected)
 
 
 def test_keep_mask_and_dropout():

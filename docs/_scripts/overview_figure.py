@@ -30,6 +30,7 @@ def main() -> None:
         titles=["measured (held-out section)", "predicted from H&E"],
         panel_size=2.6,
         spot_scale=1.8,
+        return_fig=True,
     )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(OUT, dpi=110, bbox_inches="tight")

@@ -7,21 +7,67 @@ not import torch, Lightning, timm or torch-geometric.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
+import sys
 
 try:
-    __version__ = version("sthisto")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
+    # Written by hatch-vcs when the package is built or installed (also editable installs).
+    from ._version import __version__
+except ImportError:  # a source tree that was never installed: look the version up on first use
+    pass
+
+
+class _TorchvisionImportHook:
+    """Apply sthisto's torchvision compatibility step when torchvision is first imported.
+
+    A CUDA torchvision wheel beside CPU torch cannot be imported (``operator torchvision::nms
+    does not exist``) until :func:`sthisto._compat.ensure_torchvision` has run; with this
+    finder, a user's own ``import timm`` / ``import torchvision`` / ``import lightning`` after
+    ``import sthisto`` works too. Installing it costs nothing: torch is imported only when
+    torchvision is, and the finder then steps aside for the regular import.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):  # importlib's meta-path finder protocol
+        if fullname == "torchvision":
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            try:
+                from ._compat import ensure_torchvision
+
+                ensure_torchvision()
+            except Exception:  # never break the user's import; torchvision then raises its own error
+                pass
+        return None
+
+
+if "torchvision" not in sys.modules and not any(type(f).__name__ == "_TorchvisionImportHook" for f in sys.meta_path):
+    sys.meta_path.insert(0, _TorchvisionImportHook())
 
 _SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "models", "encoders", "engine")
 
-__all__ = ["__version__", *_SUBMODULES]
+__all__ = ["__version__", "settings", *_SUBMODULES]
+
+
+def _version_from_metadata() -> str:
+    # importlib.metadata scans every installed distribution, which is slow; only a source tree
+    # without _version.py gets here, and only when the version is asked for.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sthisto")
+    except PackageNotFoundError:
+        return "0.0.0"
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "settings":
+        from ._logging import settings
+
+        return settings
+    if name == "__version__":
+        globals()["__version__"] = value = _version_from_metadata()
+        return value
     raise AttributeError(f"module 'sthisto' has no attribute {name!r}")
 
 

@@ -3,11 +3,16 @@
 Every write checks that it does not clobber an existing key (unless ``overwrite=True``), and is
 logged, so a user can see exactly what a call added. Parameters of each call are recorded in
 ``uns['sthisto'][<function>][<key_added>]`` beside the result.
+
+Each write is logged at the ``hint`` level and remembered for its object; the record a call
+stores last (every writing function stores one after its writes) logs, at ``info``, one line
+naming everything the call added: the summary ``sthisto.settings.verbosity`` shows by default.
 """
 
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,9 +20,35 @@ import numpy as np
 
 from ._constants import Uns
 from ._errors import KeyExistsError
-from ._logging import logger
+from ._logging import HINT, logger
 
 _SLOTS = ("obs", "var", "obsm", "varm", "obsp", "layers", "uns")
+
+# Keys written into each object since its last record, for the one-line summary. Keyed by id
+# (AnnData is unhashable) and emptied when the object is collected, so a write never keeps an
+# object alive.
+_written: dict[int, tuple[weakref.ref, list[str]]] = {}
+
+
+def _remember(adata, where: str) -> None:
+    logger.log(HINT, "added adata.%s", where)
+    key = id(adata)
+    entry = _written.get(key)
+    if entry is None or entry[0]() is not adata:
+        try:
+            ref = weakref.ref(adata, lambda _, key=key: _written.pop(key, None))
+        except TypeError:  # not weak-referenceable: its writes stay logged at hint only
+            return
+        entry = _written[key] = (ref, [])
+    entry[1].append(where)
+
+
+def _summarise(adata, function: str, where: str) -> None:
+    entry = _written.pop(id(adata), None)
+    keys = entry[1] if entry is not None and entry[0]() is adata else []
+    keys = [*dict.fromkeys([*keys, where])]
+    listed = ", ".join(keys[:-1]) + f" and {keys[-1]}" if len(keys) > 1 else keys[0]
+    logger.info("%s: added %s", function, listed)
 
 
 def check_writable(adata, slot: str, key: str, *, overwrite: bool) -> None:
@@ -44,7 +75,7 @@ def write(adata, slot: str, key: str, value: Any, *, overwrite: bool = False) ->
     check_writable(adata, slot, key, overwrite=overwrite)
     container = getattr(adata, slot)
     container[key] = value
-    logger.info("added adata.%s[%r]", slot, key)
+    _remember(adata, f"{slot}[{key!r}]")
 
 
 def sthisto_uns(adata) -> dict:
@@ -66,7 +97,9 @@ def record(adata, function: str, key: str, params: Mapping[str, Any], *, overwri
     """Store the parameters of a call at ``uns['sthisto'][function][key]`` in an h5ad-safe form."""
     check_record_writable(adata, function, key, overwrite=overwrite)
     sthisto_uns(adata).setdefault(function, {})[key] = to_uns(params)
-    logger.info("added adata.uns['sthisto'][%r][%r]", function, key)
+    where = f"uns['sthisto'][{function!r}][{key!r}]"
+    logger.log(HINT, "added adata.%s", where)
+    _summarise(adata, function, where)
 
 
 def to_uns(value: Any) -> Any:

@@ -12,7 +12,8 @@ pure Python and works; torchvision's compiled detection operators keep raising t
 error. Where torchvision works, the function does nothing. Every sthisto module that imports
 timm or torchvision goes through :func:`import_timm` / :func:`import_torchvision`, and the
 training engine calls :func:`ensure_torchvision` before importing Lightning (whose torchmetrics
-imports torchvision).
+imports torchvision). ``import sthisto`` installs a finder that runs it on the first import of
+torchvision by anyone, so a user's own ``import timm`` works too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from ._logging import logger
+from ._logging import HINT, logger
 
 # Operators torchvision registers fake kernels for at import time, whatever its build.
 _SCHEMAS_NEEDED_AT_IMPORT = (
@@ -55,6 +56,8 @@ def ensure_torchvision() -> bool:
     already imported, already patched, or its operators load natively).
     """
     global _fallback_library
+    # The finder `import sthisto` installs would re-enter this function from find_spec below.
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_TorchvisionImportHook"]
     if _fallback_library is not None or "torchvision" in sys.modules:
         return False
     spec = importlib.util.find_spec("torchvision")
@@ -69,10 +72,11 @@ def ensure_torchvision() -> bool:
     for schema in _SCHEMAS_NEEDED_AT_IMPORT:
         library.define(schema)
     _fallback_library = library
-    logger.info(
+    logger.log(
+        HINT,
         "torchvision's compiled operators do not load beside this torch build (CPU torch with a "
         "CUDA torchvision wheel); defined their schemas so that torchvision and timm import. "
-        "torchvision.ops detection kernels stay unavailable; sthisto does not use them."
+        "torchvision.ops detection kernels stay unavailable; sthisto does not use them.",
     )
     return True
 

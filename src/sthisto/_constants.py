@@ -34,6 +34,14 @@ class Obs:
     """Spots of :func:`sthisto.tl.superresolve`: which offset made the spot (0 = the parent itself)."""
     PATCH_CLIPPED: Final = "patch_clipped"
     """Spots of :func:`sthisto.tl.superresolve`: the patch read for the spot crosses the image border."""
+    ORGAN: Final = "organ"
+    """:func:`sthisto.io.read_hest`: organ of the sample, from its metadata."""
+    PATCH_INDEX: Final = "patch_index"
+    """:func:`sthisto.io.read_hest`: row of the spot's pre-cut patch in its library's patch file (-1: none)."""
+    N_BINS: Final = "n_bins"
+    """Pseudo-spots of :func:`sthisto.pp.pool`: bins (or transcripts) summed into the spot."""
+    AREA_COVERED: Final = "area_covered"
+    """Pseudo-spots of :func:`sthisto.pp.pool`: share of the footprint covered by measured bins."""
 
 
 class Obsm:
@@ -55,6 +63,19 @@ class Layers:
 
     NORMALIZED: Final = "sthisto_target"
     """Default layer of :func:`sthisto.pp.normalize`."""
+    COMPANIONS: Final = ("std", "lower", "upper", "count_mean", "count_var", "dropout_prob")
+    """Suffixes of the uncertainty layers :func:`sthisto.tl.predict` writes beside ``layers[key]``."""
+
+    @staticmethod
+    def companion(key_added: str, what: str) -> str:
+        """Uncertainty layer beside predictions ``key_added``: ``f"{key_added}_{what}"``.
+
+        ``std`` (spread on the prediction scale), ``lower`` / ``upper`` (conformal interval),
+        ``count_mean`` / ``count_var`` / ``dropout_prob`` (a predictive distribution's moments).
+        """
+        if what not in Layers.COMPANIONS:
+            raise ValueError(f"unknown companion layer {what!r}; expected one of {Layers.COMPANIONS}")
+        return f"{key_added}_{what}"
 
 
 class Uns:
@@ -110,6 +131,14 @@ class Metadata:
     SOURCE: Final = "source"
     PSEUDO_SPOTS: Final = "pseudo_spots"
     """Set on libraries whose spots sthisto placed (``"tile"``, ``"superresolve"``), not measured."""
+    PATCHES_PATH: Final = "patches_path"
+    """:func:`sthisto.io.read_hest`: HDF5 file of pre-cut patches (datasets ``img``, ``barcode``, ``coords``)."""
+    PATCHES_MICRONS_PER_PIXEL: Final = "patches_microns_per_pixel"
+    """µm per pixel of the pre-cut patches in ``patches_path``."""
+    PATCHES_SIZE_PX: Final = "patches_size_px"
+    """Side in pixels of the pre-cut patches in ``patches_path``."""
+    TECHNOLOGY: Final = "technology"
+    """Platform of the library (HEST ``st_technology``: ``"Visium"``, ``"Xenium"``, ...)."""
     PYRAMID_LEVELS: Final = "pyramid_levels"
     """:func:`sthisto.io.read_image`: ``(height, width)`` of each level of a pyramidal TIFF."""
 

@@ -17,6 +17,7 @@ access).
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from ._constants import Images, Metadata, ScaleFactors, Uns
 from ._errors import InputError, MissingKeyError, NoImageError
+from ._validate import check_mapping, positive_number
 
 PAD_VALUE = 255
 """Fill value for pixels outside the image: white, like the glass around tissue."""
@@ -35,6 +37,11 @@ def check_image_array(array, *, what: str = "image") -> None:
     Accepted: ``(height, width, 3)`` with dtype uint8, or float in [0, 1] (scanpy's convention
     for ``hires``/``lowres`` images).
     """
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        raise InputError(
+            f"{what} is a {type(array).__name__}, not an image array. Store a (height, width, 3) uint8 "
+            f"NumPy array, e.g. np.asarray(img, dtype=np.uint8)."
+        )
     shape = tuple(array.shape)
     if len(shape) == 2:
         raise InputError(
@@ -49,7 +56,11 @@ def check_image_array(array, *, what: str = "image") -> None:
     if shape[-1] == 4:
         raise InputError(f"{what} has 4 channels (RGBA). Drop the alpha channel first: img[..., :3].")
     dtype = np.dtype(array.dtype)
-    if dtype == np.uint8 or np.issubdtype(dtype, np.floating):
+    if dtype == np.uint8:
+        return
+    if np.issubdtype(dtype, np.floating):
+        if isinstance(array, np.ndarray):  # lazy arrays are checked region by region as they are read
+            check_float_pixels(array, what=what)
         return
     raise InputError(
         f"{what} has dtype {dtype}; sthisto reads 8-bit RGB. Rescale it to uint8, e.g. "
@@ -57,9 +68,43 @@ def check_image_array(array, *, what: str = "image") -> None:
     )
 
 
+FLOAT_RANGE_TOLERANCE = 1e-3
+"""Float pixels may exceed 1 by this much (resampling overshoot) before they count as 0–255 values."""
+
+
+def check_float_pixels(values: np.ndarray, *, what: str = "image") -> None:
+    """Refuse float pixels that are NaN/infinite or outside [0, 1] (e.g. a 0–255 image stored as float)."""
+    if values.size == 0:
+        return
+    # Row blocks keep the temporary masks small on a whole-slide float array.
+    step = max(1, (1 << 24) // max(1, values[0].size))
+    not_finite, low, high = 0, np.inf, -np.inf
+    for start in range(0, len(values), step):
+        block = values[start : start + step]
+        finite = np.isfinite(block)
+        not_finite += int(block.size - np.count_nonzero(finite))
+        if finite.any():
+            kept = block[finite]
+            low, high = min(low, float(kept.min())), max(high, float(kept.max()))
+    if not_finite:
+        raise InputError(
+            f"{what} has {not_finite} NaN or infinite pixel values; features cut from them would be "
+            f"garbage. Fill or mask them (e.g. np.nan_to_num(img, nan=1.0) for white) before calling sthisto."
+        )
+    if high > 1.0 + FLOAT_RANGE_TOLERANCE or low < -FLOAT_RANGE_TOLERANCE:
+        raise InputError(
+            f"{what} is a float image with values from {low:.4g} to {high:.4g}, outside [0, 1]: float images "
+            f"are read as 0–1 (scanpy's convention). Convert a 0–255 image to uint8 first: img.astype(np.uint8), "
+            f"or scale it: img / 255."
+        )
+
+
 def _to_uint8(region: np.ndarray) -> np.ndarray:
     if region.dtype == np.uint8:
         return region
+    region = np.asarray(region)
+    if np.issubdtype(region.dtype, np.floating):
+        check_float_pixels(region, what="an image region")
     return np.clip(np.rint(np.asarray(region, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -164,7 +209,9 @@ def open_image_file(path: str | Path) -> ImageSource:
             f"image file {str(path)!r} does not exist. If the data moved, update "
             f"uns['spatial'][library_id]['metadata']['image_path'] to its new location."
         )
-    if path.suffix.lower() in (".tif", ".tiff", ".svs", ".btf"):
+    from .io._common import TIFF_SUFFIXES
+
+    if path.suffix.lower() in TIFF_SUFFIXES:
         try:
             return ImageSource(_open_tiff(str(path)))
         except InputError:
@@ -202,6 +249,12 @@ class LibraryImage:
 def library_spatial(adata, library_id: str) -> dict:
     """Return ``adata.uns['spatial'][library_id]`` or raise a clear error."""
     spatial = adata.uns.get(Uns.SPATIAL)
+    if Uns.SPATIAL in adata.uns:
+        check_mapping(
+            spatial,
+            what="adata.uns['spatial']",
+            fix="It must map each library id to a dict with 'images', 'scalefactors' and 'metadata'.",
+        )
     if spatial is None:
         raise MissingKeyError(
             "adata.uns['spatial'] is missing: sthisto finds images and scale factors there. "
@@ -213,32 +266,51 @@ def library_spatial(adata, library_id: str) -> dict:
             f"adata.uns['spatial'] has no entry for library {library_id!r} (it has "
             f"{sorted(spatial)}). Check obs['library_id'] or add the library's images."
         )
-    return spatial[library_id]
+    entry = check_mapping(
+        spatial[library_id],
+        what=f"adata.uns['spatial'][{library_id!r}]",
+        fix="It must be a dict with 'images', 'scalefactors' (including 'microns_per_pixel') and 'metadata'.",
+    )
+    for part in (Uns.IMAGES, Uns.SCALEFACTORS, Uns.METADATA):
+        if entry.get(part) is not None:
+            check_mapping(
+                entry[part],
+                what=f"adata.uns['spatial'][{library_id!r}][{part!r}]",
+                fix="Store a dict there (e.g. {} when empty), as the sthisto and scanpy readers do.",
+            )
+    return entry
+
+
+def _part(entry: dict, part: str) -> dict:
+    return entry.get(part) or {}
 
 
 def microns_per_pixel(adata, library_id: str) -> float:
     """µm per full-resolution pixel of a library, from its scale factors."""
-    scalefactors = library_spatial(adata, library_id).get(Uns.SCALEFACTORS, {})
+    scalefactors = _part(library_spatial(adata, library_id), Uns.SCALEFACTORS)
     value = scalefactors.get(ScaleFactors.MICRONS_PER_PIXEL)
-    if value is None or not np.isfinite(value) or value <= 0:
-        raise MissingKeyError(
-            f"library {library_id!r} has no valid scalefactors['microns_per_pixel']. sthisto "
-            f"readers add it; for your own data set it from the scanner's metadata, e.g. "
-            f"adata.uns['spatial'][{library_id!r}]['scalefactors']['microns_per_pixel'] = 0.5."
-        )
-    return float(value)
+    fix = (
+        f"sthisto readers add it; for your own data set it from the scanner's metadata, e.g. "
+        f"adata.uns['spatial'][{library_id!r}]['scalefactors']['microns_per_pixel'] = 0.5."
+    )
+    if value is None:
+        raise MissingKeyError(f"library {library_id!r} has no scalefactors['microns_per_pixel']. {fix}")
+    return positive_number(
+        value, what=f"scalefactors['microns_per_pixel'] of library {library_id!r}", fix=f"Note: {fix}"
+    )
 
 
 def has_image(adata, library_id: str) -> bool:
     """Whether a library carries (or points to) an image usable for patches."""
-    entry = adata.uns.get(Uns.SPATIAL, {}).get(library_id)
-    if entry is None:
+    spatial = adata.uns.get(Uns.SPATIAL)
+    if Uns.SPATIAL not in adata.uns or (isinstance(spatial, Mapping) and library_id not in spatial):
         return False
-    flag = entry.get(Uns.METADATA, {}).get(Metadata.HAS_IMAGE)
+    entry = library_spatial(adata, library_id)  # refuses malformed entries with a clear message
+    flag = _part(entry, Uns.METADATA).get(Metadata.HAS_IMAGE)
     if flag is not None:
         return bool(flag)
-    images = entry.get(Uns.IMAGES, {})
-    return bool(images) or Metadata.IMAGE_PATH in entry.get(Uns.METADATA, {})
+    images = _part(entry, Uns.IMAGES)
+    return bool(images) or Metadata.IMAGE_PATH in _part(entry, Uns.METADATA)
 
 
 def image_source(adata, library_id: str, *, image_key: str | None = None) -> LibraryImage:
@@ -261,9 +333,9 @@ def image_source(adata, library_id: str, *, image_key: str | None = None) -> Lib
     """
     entry = library_spatial(adata, library_id)
     mpp = microns_per_pixel(adata, library_id)
-    images = entry.get(Uns.IMAGES, {})
-    metadata = entry.get(Uns.METADATA, {})
-    scalefactors = entry.get(Uns.SCALEFACTORS, {})
+    images = _part(entry, Uns.IMAGES)
+    metadata = _part(entry, Uns.METADATA)
+    scalefactors = _part(entry, Uns.SCALEFACTORS)
     if metadata.get(Metadata.HAS_IMAGE) is False:
         raise NoImageError(
             f"library {library_id!r} has no H&E image (loaded as expression-only data), so no "
@@ -281,9 +353,14 @@ def image_source(adata, library_id: str, *, image_key: str | None = None) -> Lib
                 f"{ScaleFactors.for_image(key)!r} in uns['spatial'][{library_id!r}]['scalefactors']; "
                 f"add it (image pixels per full-resolution pixel)."
             )
+        scale = positive_number(
+            scale,
+            what=f"scale factor {ScaleFactors.for_image(key)!r} of library {library_id!r}",
+            fix="It is image pixels per full-resolution pixel (e.g. 0.08 for a Visium hires image); fix the scalefactors.",
+        )
         if key == Images.FULLRES:
             array = _direct_tiff_level(array, metadata.get(Metadata.IMAGE_PATH))
-        return LibraryImage(ImageSource(array), float(scale), mpp / float(scale))
+        return LibraryImage(ImageSource(array), scale, mpp / scale)
     if image_key is None and Metadata.IMAGE_PATH in metadata:
         return LibraryImage(open_image_file(metadata[Metadata.IMAGE_PATH]), 1.0, mpp)
     raise NoImageError(

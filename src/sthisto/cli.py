@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 import traceback
@@ -65,13 +64,63 @@ def read_input(path: str | Path):
     return from_spatialdata(spatialdata.read_zarr(path))
 
 
+def check_output(path: str | Path | None, *, overwrite: bool, suffixes: Sequence[str] = (".h5ad", ".zarr")) -> None:
+    """Refuse an output path before any work is done: wrong suffix, or existing without ``--overwrite``."""
+    if path is None:
+        return
+    path = Path(path)
+    if suffixes and path.suffix not in suffixes:
+        raise UsageError(f"output {str(path)!r} must end in {' or '.join(suffixes)}.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output {str(path)!r} exists; pass --overwrite to replace it or choose another path.")
+    if path.exists() and path.suffix == ".zarr" and not any((path / name).exists() for name in _ZARR_MARKERS):
+        # Replacing a .zarr output removes the folder: only ever one that is a zarr store.
+        raise FileExistsError(
+            f"output {str(path)!r} exists and is not a zarr store; refusing to replace it so that none of its "
+            f"files are lost. Choose another path."
+        )
+
+
+_ZARR_MARKERS = (".zgroup", ".zattrs", "zarr.json")
+
+
+def check_model_folder(path: str | Path | None, *, overwrite: bool) -> None:
+    """Refuse a ``--save-model`` folder before training: non-empty without ``--overwrite``, or not a saved model."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--save-model {str(path)!r} is a file; give a folder for the saved model.")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"--save-model folder {str(path)!r} is not empty; pass --overwrite to replace a saved model there, "
+                f"or choose another folder."
+            )
+        from .io._model import check_replaceable
+
+        check_replaceable(path)
+
+
+def merge_params(explicit: dict[str, Any], defaults: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments from the command's own options and ``--param`` items, each named once.
+
+    A ``--param`` naming an argument the command also has as an option (``max_epochs``, ``seed``,
+    ...) fills it when that option was left at its default; giving both is a usage error.
+    """
+    merged = dict(explicit)
+    for key, value in params.items():
+        if key in merged and key in defaults and merged[key] != defaults[key]:
+            option = "--" + key.replace("_", "-")
+            raise UsageError(f"{key} is given twice (--param {key}=... and {option}); give it once.")
+        merged[key] = value
+    return merged
+
+
 def write_output(adata, path: str | Path, *, overwrite: bool) -> Path:
     """Write ``adata`` to ``.h5ad`` (or a SpatialData ``.zarr`` via :func:`sthisto.io.to_spatialdata`)."""
     path = Path(path)
-    if path.suffix not in (".h5ad", ".zarr"):
-        raise UsageError(f"output {str(path)!r} must end in .h5ad or .zarr.")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output {str(path)!r} exists; pass --overwrite to replace it or choose another path.")
+    check_output(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".h5ad":
         adata.write_h5ad(path)
@@ -194,25 +243,27 @@ def cmd_train(args, progress: _Progress) -> int:
         raise UsageError(
             "nothing would be kept: pass -o/--output (AnnData with the stored model) and/or --save-model DIR."
         )
-    params = parse_params(args.param)
+    check_output(args.output, overwrite=args.overwrite)
+    check_model_folder(args.save_model, overwrite=args.overwrite)
+    options = {
+        "genes": _genes(args),
+        "layer": args.layer,
+        "train_mask": _names(args.train_libraries),
+        "key_added": args.key_added,
+        "max_epochs": args.max_epochs,
+        "device": args.device,
+        "seed": args.seed,
+        "validation": _validation(args.validation),
+        "n_members": args.n_members,
+    }
+    defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0, "n_members": 1}
+    kwargs = merge_params(options, defaults, parse_params(args.param))
+    kwargs.setdefault("progress_bar", not args.quiet and sys.stderr.isatty())
+    kwargs["overwrite"] = args.overwrite
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     progress(f"training {args.method} on {adata.n_obs} spots")
-    model = tl.train(
-        adata,
-        args.method,
-        genes=_genes(args),
-        layer=args.layer,
-        train_mask=_names(args.train_libraries),
-        key_added=args.key_added,
-        max_epochs=args.max_epochs,
-        device=args.device,
-        seed=args.seed,
-        validation=_validation(args.validation),
-        progress_bar=not args.quiet and sys.stderr.isatty(),
-        overwrite=args.overwrite,
-        **params,
-    )
+    model = tl.train(adata, args.method, **kwargs)
     history = model.history.get("train_loss", [])
     if history:
         progress(f"trained {len(history)} epochs; final training loss {history[-1]:.4g}")
@@ -228,6 +279,7 @@ def cmd_predict(args, progress: _Progress) -> int:
     """Predict with a stored or saved model."""
     from . import tl
 
+    check_output(args.output, overwrite=args.overwrite)
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     libraries = _names(args.libraries)
@@ -240,9 +292,56 @@ def cmd_predict(args, progress: _Progress) -> int:
         adata = adata[np.isin(adata.obs["library_id"].astype(str), libraries)].copy()
     model = args.model
     progress(f"predicting with {model} on {adata.n_obs} spots")
-    result = tl.predict(adata, model, key_added=args.key_added, device=args.device, overwrite=args.overwrite)
+    result = tl.predict(
+        adata,
+        model,
+        key_added=args.key_added,
+        device=args.device,
+        uncertainty=args.uncertainty,
+        interval=args.interval,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     out = result if result is not None else adata
     progress(f"wrote {write_output(out, args.output, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_calibrate(args, progress: _Progress) -> int:
+    """Fit conformal intervals on held-aside sections; store them with the model."""
+    from pathlib import Path
+
+    from . import tl
+
+    libraries = _names(args.calibration_libraries)
+    if not libraries:
+        raise UsageError("--calibration-libraries is required: sections not used for training, e.g. S3.")
+    folder = Path(args.model).is_dir()
+    if not folder and args.output is None:
+        raise UsageError(
+            "the model is stored in INPUT: pass -o/--output to write the AnnData with the calibrated model."
+        )
+    progress(f"reading {args.input}")
+    adata = read_input(args.input)
+    progress(f"calibrating {args.model} on {', '.join(libraries)}")
+    model = tl.calibrate(
+        adata,
+        args.model,
+        calibration=libraries,
+        alpha=args.alpha,
+        uncertainty=args.uncertainty,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    entry = model.calibration["absolute"]
+    progress(f"calibrated levels {entry['levels']} on {entry['n_spots']} spots")
+    if folder:
+        progress(f"updated {Path(args.model) / 'manifest.json'}")
+    if args.output is not None:
+        progress(f"wrote {write_output(adata, args.output, overwrite=args.overwrite)}")
     return 0
 
 
@@ -255,6 +354,7 @@ def cmd_superresolve(args, progress: _Progress) -> int:
     except AttributeError:
         raise RuntimeError("superresolve is not available in this version of sthisto.") from None
     params = parse_params(args.param)
+    check_output(args.output, overwrite=args.overwrite)
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     progress(f"super-resolving with {args.model}")
@@ -279,34 +379,32 @@ def cmd_cross_validate(args, progress: _Progress) -> int:
                 ) from None
         else:
             folds = _names(args.folds)
-    params = parse_params(args.param)
-    if args.max_epochs is not None:
-        params["max_epochs"] = args.max_epochs
-    if args.validation is not None:
-        params["validation"] = _validation(args.validation)
-    if args.device is not None:
-        params["device"] = args.device
+    check_output(args.output, overwrite=args.overwrite)
+    check_output(args.table, overwrite=args.overwrite, suffixes=())
+    options = {
+        "folds": folds,
+        "key_added": args.key_added,
+        "seed": args.seed,
+        "genes": _genes(args),
+        "layer": args.layer,
+        "labels_key": args.labels_key,
+        "n_jobs": args.n_jobs,
+        "devices": _names(args.devices),
+    }
+    defaults = {**dict.fromkeys(options), "seed": 0, "n_jobs": 1}
+    for name, value in (("max_epochs", args.max_epochs), ("validation", args.validation), ("device", args.device)):
+        options[name] = _validation(value) if name == "validation" else value
+        defaults[name] = None
+    kwargs = merge_params(options, defaults, parse_params(args.param))
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("max_epochs", "validation", "device") or v is not None}
+    kwargs.setdefault("progress", not args.quiet)
+    kwargs.setdefault("store_models", not args.no_store_models)
+    kwargs["overwrite"] = args.overwrite
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     methods = args.method if len(args.method) > 1 else args.method[0]
     progress(f"cross-validating {', '.join(args.method)} (split={args.split})")
-    table = tl.cross_validate(
-        adata,
-        methods,
-        split=args.split,
-        folds=folds,
-        key_added=args.key_added,
-        seed=args.seed,
-        genes=_genes(args),
-        layer=args.layer,
-        labels_key=args.labels_key,
-        store_models=not args.no_store_models,
-        n_jobs=args.n_jobs,
-        devices=_names(args.devices),
-        progress=not args.quiet,
-        overwrite=args.overwrite,
-        **params,
-    )
+    table = tl.cross_validate(adata, methods, split=args.split, **kwargs)
     _print_table(_summary(table))
     if args.table is not None:
         table.to_csv(args.table, index=False)
@@ -320,6 +418,8 @@ def cmd_evaluate(args, progress: _Progress) -> int:
     """Evaluate a layer of predictions and print the overall metrics."""
     from . import tl
 
+    check_output(args.output, overwrite=args.overwrite)
+    check_output(args.table, overwrite=args.overwrite, suffixes=())
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     progress(f"evaluating layers[{args.predicted!r}]")
@@ -358,7 +458,12 @@ def cmd_demo(args, progress: _Progress) -> int:
         raise FileExistsError(f"output folder {str(out)!r} is not empty; pass --overwrite or choose another folder.")
     if args.n_sections < 2:
         raise UsageError("--n-sections must be at least 2 (train on some, predict a held-out one).")
-    params = parse_params(args.param)
+    options = {"max_epochs": args.max_epochs, "device": args.device, "seed": args.seed}
+    kwargs = merge_params(options, {"max_epochs": None, "device": "auto", "seed": 0}, parse_params(args.param))
+    for reserved in ("train_mask", "key_added"):
+        if reserved in kwargs:
+            raise UsageError(f"--param {reserved}=... is set by the demo itself; leave it out.")
+    kwargs.setdefault("progress_bar", False)
     out.mkdir(parents=True, exist_ok=True)
 
     progress(f"[1/5] generating {args.n_sections} synthetic sections (~{args.n_spots} spots, {args.n_genes} genes)")
@@ -371,11 +476,7 @@ def cmd_demo(args, progress: _Progress) -> int:
         args.method,
         train_mask=train_libraries,
         key_added="demo_model",
-        max_epochs=args.max_epochs,
-        device=args.device,
-        seed=args.seed,
-        progress_bar=False,
-        **params,
+        **kwargs,
     )
     progress(f"[3/5] predicting held-out section {held_out}")
     test = adata[adata.obs["library_id"].astype(str) == held_out].copy()
@@ -401,14 +502,14 @@ def cmd_demo(args, progress: _Progress) -> int:
     shown = (ranked[:2] + [g for g in dependent if g not in ranked[:2]][:1])[:3] or list(model.genes)[:3]
     figures = ["gene_maps.png", "domain_map.png"]
     fig = pl.gene_maps(test, shown, layers=["observed", "predicted"], titles=["observed", "predicted"],
-                       save=out / "gene_maps.png", dpi=80)  # fmt: skip
+                       save=out / "gene_maps.png", dpi=80, return_fig=True)  # fmt: skip
     plt.close(fig)
     fig = pl.domain_maps(test, predicted="predicted", labels_key="label", seed=args.seed,
-                         save=out / "domain_map.png", dpi=80)  # fmt: skip
+                         save=out / "domain_map.png", dpi=80, return_fig=True)  # fmt: skip
     plt.close(fig)
     if len(model.history.get("train_loss", [])):
-        ax = pl.training_curves(model, save=out / "training_curves.png", dpi=80)
-        plt.close(ax.figure)
+        fig = pl.training_curves(model, save=out / "training_curves.png", dpi=80, return_fig=True)
+        plt.close(fig)
         figures.append("training_curves.png")
 
     overall = table[table["scope"] == "overall"].set_index("metric")["value"]
@@ -488,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable), e.g. lr=1e-4")
+    p.add_argument("--n-members", type=int, default=1, help="train a deep ensemble of this many members (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_train)
 
@@ -500,8 +602,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-added", help="output layer name (default: the model's key or method)")
     p.add_argument("--libraries", metavar="IDS", help="comma-separated library ids to predict (default all)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--uncertainty",
+        choices=["ensemble", "dropout", "distribution"],
+        help="also write layers[KEY_std]: spread across ensemble members, MC-dropout passes, or ZINB",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        metavar="LEVEL",
+        help="conformal interval of this coverage (e.g. 0.9) to layers[KEY_lower/_upper]; needs calibrate",
+    )
+    p.add_argument("--n-samples", type=int, default=20, help="Monte-Carlo dropout passes (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dropout passes")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = command(
+        "calibrate",
+        "fit conformal prediction intervals on held-aside sections",
+        "Fit split-conformal intervals per gene on sections the model never trained on and store them "
+        "with the model: in the AnnData record (write it with -o) or in the saved-model folder.",
+    )
+    p.add_argument("input", help=".h5ad file or SpatialData .zarr store with the calibration sections")
+    p.add_argument("--model", required=True, help="key in uns['sthisto']['models'] or a saved-model folder (updated)")
+    p.add_argument("--calibration-libraries", metavar="IDS", help="comma-separated library ids not used for training")
+    p.add_argument("--alpha", type=float, default=0.1, help="miscoverage of the default interval (default 0.1)")
+    p.add_argument(
+        "--uncertainty",
+        choices=["ensemble", "dropout", "distribution"],
+        help="also fit intervals normalised by this spread",
+    )
+    p.add_argument("--n-samples", type=int, default=20, help="Monte-Carlo dropout passes (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--output", help="write the AnnData with the calibrated model record here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing calibration / output")
+    p.set_defaults(func=cmd_calibrate)  # fmt: skip
 
     p = command("superresolve", "predict expression between measured spots",
                 "Generate spots between the measured ones and predict their expression with a trained model "
@@ -588,14 +725,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = bool(args.verbose)
     quiet = bool(args.quiet) and not verbose
     args.quiet = quiet
-    logger = logging.getLogger("sthisto")
-    handler = None
-    previous_level = logger.level
-    if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    from ._logging import settings
+
+    # The command prints its own progress; the library's per-call summaries only with --verbose.
+    previous_verbosity = settings.verbosity
+    settings.verbosity = "hint" if verbose else "warning"
     progress = _Progress(args.command, quiet)
     try:
         with warnings.catch_warnings():
@@ -615,9 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-            logger.setLevel(previous_level)
+        settings.verbosity = previous_verbosity
 
 
 if __name__ == "__main__":

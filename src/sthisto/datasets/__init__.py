@@ -8,5 +8,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "her2st_785_genes": "._reference",
         "synthetic": "._synthetic",
         "synthetic_he_image": "._synthetic_image",
+        "synthetic_bins": "._synthetic_hd",
+        "synthetic_transcripts": "._synthetic_hd",
     },
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,9 @@ from ._synthetic_image import (
     lattice_cache,
     map_tiles,
 )
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 MORPHOLOGY_FEATURES: tuple[str, ...] = (
     "nuclear_density",
@@ -92,7 +96,7 @@ def synthetic(
     microns_per_pixel: float | None = None,
     annotations: bool = True,
     seed: int = 0,
-):
+) -> AnnData:
     """Synthetic H&E sections with spatial expression, in the sthisto AnnData convention.
 
     Each section is a piece of H&E-like tissue (see :func:`synthetic_he_image`: stroma with

@@ -833,7 +833,7 @@ def synthetic_he_image(
     tissue_center_um: tuple[float, float] | None = None,
     tissue_radius_um: float | None = None,
     return_labels: bool = False,
-):
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Draw a synthetic H&E-stained tissue image, or any rectangular region of one.
 
     The image mimics an H&E section: pink eosin stroma with wavy collagen fibres and sparse

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +14,9 @@ from .._logging import logger
 from ._encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder
 from ._handcrafted import HANDCRAFTED_FEATURE_NAMES, HandcraftedFeatures
 from ._timm import HUB_PREFIX, check_local_weights, hub_encoder, is_timm_model, timm_encoder
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 UNI_HUB_ID = "hf-hub:MahmoodLab/UNI"
 """Hub id of UNI (gated: accept its terms on the hub and pass ``token=``)."""
@@ -74,7 +77,7 @@ def _register_builtin(name: str, factory: Factory, description: str) -> None:
     _REGISTRY[name] = _Entry(factory, description, builtin=True)
 
 
-def list_encoders():
+def list_encoders() -> pd.DataFrame:
     """Registered encoders.
 
     Returns

@@ -13,7 +13,8 @@ from .._errors import InputError
 HIRES_MAX_SIDE = 2000
 """Longest side of the plotting image readers store as ``images['hires']`` (scanpy's size)."""
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf")
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".ndpi", ".scn", ".bif")
+"""TIFF containers read through tifffile (vendor formats get their scale from tiffslide, see ``_slides``)."""
 
 
 def existing_dir(path, *, what: str) -> Path:

@@ -7,6 +7,7 @@ import io
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,11 @@ from ._common import (
     thumbnail,
 )
 
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from anndata import AnnData
+
 SPOT_SPACING_UM = 200.0
 """Legacy ST arrays: spot centres 200 µm apart."""
 SPOT_DIAMETER_UM = 100.0
@@ -44,12 +50,12 @@ _PATIENT = re.compile(r"^([A-Za-z]+)")
 
 
 def read_her2st(
-    path,
+    path: str | PathLike[str],
     *,
     sections: str | Sequence[str] | None = None,
     image_paths: Mapping[str, str | Path] | None = None,
     hires_max_side: int = HIRES_MAX_SIDE,
-):
+) -> AnnData:
     """Read the published her2st data (counts, spot positions, H&E images, labels).
 
     Parameters

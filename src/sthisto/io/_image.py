@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,13 @@ from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError
 from .._logging import logger
 from ._common import HIRES_MAX_SIDE, TIFF_SUFFIXES, image_size, thumbnail
+from ._slides import check_supported, vendor_mpp
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 LOWRES_MAX_SIDE = 600
 """Longest side of ``images['lowres']`` (scanpy's lowres size)."""
@@ -38,22 +46,27 @@ _UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "m
 
 
 def read_image(
-    path,
+    path: str | PathLike[str],
     *,
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
     lazy_fullres: bool = True,
     as_spatialdata: bool = False,
-):
-    """Read an H&E image (JPEG, PNG, TIFF, pyramidal/OME-TIFF, SVS) lazily, without spots.
+) -> AnnData | SpatialData:
+    """Read an H&E image (JPEG, PNG, TIFF, pyramidal/OME-TIFF, SVS, NDPI, SCN, BIF) lazily, without spots.
 
     Parameters
     ----------
     path
-        The image file.
+        The image file. Vendor slides (Aperio ``.svs``, Hamamatsu ``.ndpi``, Leica ``.scn``,
+        Ventana ``.bif``) take their scale from the optional reader tiffslide
+        (``pip install 'sthisto[slides]'``; ``.svs`` also works without it); their pixels, like
+        any TIFF's, are read lazily through tifffile. MRXS / VMS / VSI are not TIFFs: a clear
+        error says how to convert them to OME-TIFF.
     microns_per_pixel
-        Physical size of a full-resolution pixel. Default: from the file — OME-XML
-        ``PhysicalSizeX``, Aperio's ``MPP``, TIFF resolution tags, JPEG/PNG density — when the
+        Physical size of a full-resolution pixel. Default: from the file — the vendor's
+        metadata via tiffslide, OME-XML ``PhysicalSizeX``, Aperio's ``MPP``, TIFF resolution
+        tags, JPEG/PNG density — when the
         value is a plausible microscope resolution (0.01–50 µm/px; software defaults such as
         72 dpi are ignored). Without either, a clear error asks for it.
     library_id
@@ -106,6 +119,7 @@ def read_image(
     if not library_id:
         raise InputError("library_id must be a non-empty string.")
 
+    check_supported(path)
     if path.suffix.lower() in TIFF_SUFFIXES:
         slide = _TiffSlide.open(path)
     else:
@@ -288,7 +302,10 @@ class _TiffSlide:
             raise InputError(
                 f"{path.name!r} stores {dtype} pixels; sthisto reads 8-bit RGB H&E. Convert it to uint8 first."
             )
-        return cls(path, levels, axes, candidates, note)
+        # Vendor metadata parsed by tiffslide come first: they are the scanner's own statement.
+        from_vendor, vendor_note = vendor_mpp(path)
+        note = "; ".join(n for n in (vendor_note, note) if n)
+        return cls(path, levels, axes, from_vendor + candidates, note)
 
     def file_mpp(self) -> tuple[float | None, str | None]:
         for value, source in self.mpp_candidates:

@@ -8,15 +8,18 @@ cannot carry code, so loading never executes anything from the file.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._errors import InputError, KeyExistsError, MissingKeyError
 from .._logging import logger
+from .._validate import check_finite_tensors, manifest_fields, parse_json
+
+if TYPE_CHECKING:
+    from ..models._base import ExpressionModel
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -27,19 +30,42 @@ def save_model(model, path: str | Path, *, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KeyExistsError(f"{str(path)!r} is a file, not a folder; choose a folder path for the saved model.")
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise KeyExistsError(
                 f"{str(path)!r} exists and is not empty; pass overwrite=True or choose another folder."
             )
-        if not (path / MANIFEST_FILE).exists():
-            raise InputError(f"{str(path)!r} is not a saved sthisto model; refusing to overwrite it.")
-        shutil.rmtree(path)
+        check_replaceable(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_tensors(), str(path / WEIGHTS_FILE))  # before the manifest: it may add to it
+    # Only sthisto's own two files are ever replaced (never the folder): whatever else a user keeps
+    # next to them was refused above, and nothing outside these names is touched.
+    save_file(model.all_state_tensors(), str(path / WEIGHTS_FILE))  # before the manifest: it may add to it
     (path / MANIFEST_FILE).write_text(json.dumps(model.manifest(), indent=1))
     logger.info("saved %s model to %s", model.name, path)
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise unless ``path`` holds exactly a saved sthisto model (so overwriting it loses nothing else)."""
+    from ..models._base import MANIFEST_FORMAT
+
+    others = sorted(p.name for p in path.iterdir() if p.name not in (MANIFEST_FILE, WEIGHTS_FILE))
+    manifest_path = path / MANIFEST_FILE
+    manifest = None
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError, RecursionError):
+            manifest = None
+    is_model = isinstance(manifest, Mapping) and manifest.get("format") == MANIFEST_FORMAT
+    if others or not is_model:
+        reason = f"it also holds {others[:5]}" if others else "its manifest.json is not a sthisto model manifest"
+        raise InputError(
+            f"{str(path)!r} is not a saved sthisto model ({reason}); refusing to overwrite it so that none of "
+            f"its files are lost. Choose another folder for model.save()."
+        )
 
 
 def _check_manifest(manifest: Mapping[str, Any], where: str):
@@ -47,6 +73,7 @@ def _check_manifest(manifest: Mapping[str, Any], where: str):
     from ..models._base import MANIFEST_FORMAT, MANIFEST_VERSION
     from ..models._registry import resolve_method
 
+    manifest = manifest_fields(manifest, where=where)
     if manifest.get("format") != MANIFEST_FORMAT:
         raise InputError(f"{where} is not a sthisto model manifest (format={manifest.get('format')!r}).")
     if int(manifest.get("format_version", -1)) > MANIFEST_VERSION:
@@ -66,13 +93,13 @@ def _check_manifest(manifest: Mapping[str, Any], where: str):
     if not isinstance(genes, list) or not genes or len(set(genes)) != len(genes):
         raise InputError(f"{where} has no valid gene list (need unique gene names).")
     cls, _ = resolve_method(str(manifest.get("method")))
-    return cls
+    return cls, manifest
 
 
 def _check_weights_shape(model, tensors: Mapping[str, Any], where: str, manifest: Mapping[str, Any]) -> None:
     if model.network is None:  # closed-form models (ridge) check their own arrays when loading
         return
-    expected = model.state_tensors()
+    expected = model.all_state_tensors()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     wrong = [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
@@ -83,7 +110,7 @@ def _check_weights_shape(model, tensors: Mapping[str, Any], where: str, manifest
         )
 
 
-def load_model(path: str | Path):
+def load_model(path: str | Path) -> ExpressionModel:
     """Load a model saved with ``model.save(path)``.
 
     Checks the manifest (format, package version, method, genes) and that the weights fit the
@@ -109,11 +136,8 @@ def load_model(path: str | Path):
             f"{str(path)!r} is not a saved sthisto model: expected a folder with {MANIFEST_FILE} and "
             f"{WEIGHTS_FILE} (written by model.save). sthisto never loads pickled checkpoints."
         )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{manifest_path} is not valid JSON: {err}") from err
-    cls = _check_manifest(manifest, str(path))
+    manifest = parse_json(manifest_path.read_text(), where=str(manifest_path))
+    cls, manifest = _check_manifest(manifest, str(path))
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -123,18 +147,33 @@ def load_model(path: str | Path):
         ) from err
     model = cls.from_manifest(manifest)
     _check_weights_shape(model, tensors, str(path), manifest)
-    model.load_state_tensors(tensors)
+    check_finite_tensors(tensors, where=f"the model saved in {str(path)!r}")
+    model.load_all_state_tensors(tensors)
     return model
 
 
 def model_from_record(record: Mapping[str, Any]):
     """Rebuild a model from its ``uns['sthisto']['models'][key]`` record."""
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
-    manifest = json.loads(str(record["manifest"]))
-    cls = _check_manifest(manifest, "the stored model record")
+    where = "the stored model record"
+    if not isinstance(record, Mapping) or "manifest" not in record or "weights" not in record:
+        raise InputError(
+            f"{where} is a {type(record).__name__} without 'manifest' and 'weights'; it was not written by "
+            f"sthisto.tl.train or was edited. Retrain the model, or store it again with model.to_record()."
+        )
+    manifest = parse_json(record["manifest"], where=f"{where}'s manifest")
+    cls, manifest = _check_manifest(manifest, where)
     model = cls.from_manifest(manifest)
-    tensors = load(np.asarray(record["weights"], dtype=np.uint8).tobytes())
-    _check_weights_shape(model, tensors, "the stored model record", manifest)
-    model.load_state_tensors(tensors)
+    try:
+        tensors = load(np.asarray(record["weights"], dtype=np.uint8).tobytes())
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        raise InputError(
+            f"the weights of {where} are not valid safetensors bytes ({err}); the record was damaged. "
+            f"Retrain the model or load it from its saved folder with sthisto.io.load_model."
+        ) from err
+    _check_weights_shape(model, tensors, where, manifest)
+    check_finite_tensors(tensors, where=where)
+    model.load_all_state_tensors(tensors)
     return model

@@ -13,6 +13,7 @@ import copy
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,12 @@ from .._anndata import record
 from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
 from ._common import TIFF_SUFFIXES, image_size, median_spacing, names_list
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 SMALL_IMAGE_SIDE = 4000
 """Other images of a library no longer than this are loaded as plotting images (hires/lowres)."""
@@ -36,7 +42,7 @@ _ELEMENT_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def from_spatialdata(
-    sdata,
+    sdata: SpatialData,
     *,
     table_key: str | None = None,
     image_key: str | Mapping[str, str] | None = None,
@@ -44,7 +50,7 @@ def from_spatialdata(
     library_id: str | None = None,
     microns_per_pixel: float | Mapping[str, float] | None = None,
     spot_spacing_um: float | None = None,
-):
+) -> AnnData:
     """Convert a SpatialData object (image + circle shapes + table) into sthisto's AnnData.
 
     Parameters
@@ -451,14 +457,21 @@ def _assemble(table, region_key: str, instance_key: str, libraries: list[_Librar
 # AnnData -> SpatialData
 
 
+IMAGE_CHUNK = 1024
+"""Chunk side (px) of full-resolution images written by :func:`to_spatialdata`."""
+
+
+@checked_input
 def to_spatialdata(
-    adata,
+    adata: AnnData,
     *,
     library_ids: str | Sequence[str] | None = None,
     table_key: str = "table",
     region_key: str = REGION_KEY,
     instance_key: str = INSTANCE_KEY,
-):
+    chunk_size: int | None = IMAGE_CHUNK,
+    scale_factors: Sequence[int] | None = None,
+) -> SpatialData:
     """Convert sthisto's AnnData into a SpatialData object (images, circle shapes, one table).
 
     ``adata`` is not modified. Images stay lazy: a held ``fullres`` array is wrapped as is,
@@ -476,6 +489,15 @@ def to_spatialdata(
         Name of the table element.
     region_key, instance_key
         Table columns naming each row's shapes element and its circle.
+    chunk_size
+        Side of the square chunks of the full-resolution image (default 1024 px), so that
+        reading a patch back from a written object decodes a few chunks, not the whole
+        slide. ``None`` keeps the image's own chunks (one chunk for a JPEG).
+    scale_factors
+        Downscaling factors between the levels of the full-resolution image's multiscale
+        pyramid (spatialdata's ``scale_factors``). Default: factors of 2 until the coarsest
+        level's longest side is below twice ``chunk_size`` (one scale with ``chunk_size=None``);
+        ``[]`` writes a single scale.
 
     Returns
     -------
@@ -483,7 +505,7 @@ def to_spatialdata(
     name, in full-resolution pixels):
 
     ``images['<lib>_image']``
-        The full-resolution image (where the library has one).
+        The full-resolution image (where the library has one), chunked and multiscale.
     ``images['<lib>_hires_image']`` / ``['<lib>_lowres_image']``
         The plotting images, scaled into the library's frame.
     ``shapes['<lib>_spots']``
@@ -501,6 +523,14 @@ def to_spatialdata(
     import spatialdata as sd
     from spatialdata.models import TableModel
 
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 16):
+        raise InputError(f"chunk_size={chunk_size!r} must be an integer number of pixels >= 16, or None.")
+    if scale_factors is not None:
+        scale_factors = list(scale_factors)
+        if any(isinstance(f, bool) or int(f) != f or f < 2 for f in scale_factors):
+            raise InputError(
+                f"scale_factors={scale_factors!r} must be integers >= 2 (e.g. [2, 2, 2]), or [] for one scale."
+            )
     libraries = _check_convertible(adata, library_ids, region_key, instance_key)
     library_of_row = adata.obs[Obs.LIBRARY_ID].astype(str).to_numpy()
     coords = np.asarray(adata.obsm[Obsm.SPATIAL], dtype=float)[:, :2]
@@ -518,7 +548,7 @@ def to_spatialdata(
         shapes[shapes_name] = _circles(coords[mine], entry, element)
         region[mine] = shapes_name
         instance[mine] = np.arange(len(mine))
-        images.update(_image_elements(entry, element, lib))
+        images.update(_image_elements(entry, element, lib, chunk_size=chunk_size, scale_factors=scale_factors))
         uns_spatial[lib] = {
             Uns.SCALEFACTORS: dict(entry.get(Uns.SCALEFACTORS, {})),
             Uns.METADATA: dict(entry.get(Uns.METADATA, {})),
@@ -600,7 +630,16 @@ def _circles(coords: np.ndarray, entry: dict, system: str):
     return ShapesModel.parse(frame, transformations={system: Identity()})
 
 
-def _image_elements(entry: dict, element: str, lib: str) -> dict:
+def _pyramid_factors(shape: tuple[int, int], chunk_size: int) -> list[int]:
+    """Factors of 2 until the coarsest level's longest side is below twice the chunk side."""
+    side, factors = max(shape), []
+    while side / 2 >= chunk_size:
+        factors.append(2)
+        side /= 2
+    return factors
+
+
+def _image_elements(entry: dict, element: str, lib: str, *, chunk_size=None, scale_factors=None) -> dict:
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Identity, Scale
 
@@ -615,8 +654,20 @@ def _image_elements(entry: dict, element: str, lib: str) -> dict:
         elif Metadata.IMAGE_PATH in metadata:
             full = _lazy_file(Path(metadata[Metadata.IMAGE_PATH]), lib)
     if full is not None:
+        data = _cyx(full)
+        if chunk_size is not None:
+            data = data.rechunk((data.shape[0], int(chunk_size), int(chunk_size)))
+        if scale_factors is not None:
+            factors = list(scale_factors)
+        else:
+            factors = [] if chunk_size is None else _pyramid_factors(data.shape[1:], chunk_size)
         out[f"{element}_image"] = Image2DModel.parse(
-            _cyx(full), dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations={element: Identity()}
+            data,
+            dims=("c", "y", "x"),
+            c_coords=["r", "g", "b"],
+            transformations={element: Identity()},
+            scale_factors=factors or None,
+            chunks=None if chunk_size is None else (data.shape[0], int(chunk_size), int(chunk_size)),
         )
     for key in (Images.HIRES, Images.LOWRES):
         scale = scalefactors.get(ScaleFactors.for_image(key))

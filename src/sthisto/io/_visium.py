@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ from .._anndata import record
 from .._constants import Images, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import positive_number
 from ._common import (
     check_spots_inside,
     existing_dir,
@@ -21,6 +23,11 @@ from ._common import (
     read_small_image,
     spatial_entry,
 )
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from anndata import AnnData
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 """Visium capture spots are 55 µm across ..."""
@@ -42,14 +49,14 @@ _BIN_DIR = re.compile(r"^square_(\d+)um$")
 
 
 def read_visium(
-    path,
+    path: str | PathLike[str],
     *,
     library_id: str | None = None,
     counts_file: str = "filtered_feature_bc_matrix.h5",
-    fullres_image_path=None,
+    fullres_image_path: str | PathLike[str] | None = None,
     bin_size: int | None = None,
     load_images: bool = True,
-):
+) -> AnnData:
     """Read a Space Ranger output folder (Visium or Visium HD) into the sthisto convention.
 
     Parameters
@@ -351,7 +358,24 @@ def _read_scalefactors(file: Path) -> dict:
         raise InputError(f"could not read {str(file)!r} as JSON: {err}") from err
     if not isinstance(values, dict):
         raise InputError(f"{str(file)!r} should hold a JSON object of scale factors.")
+    for key in _POSITIVE_SCALEFACTORS:
+        if values.get(key) is not None:
+            # A zero or negative scale passes every later step and turns all physical sizes meaningless.
+            positive_number(
+                values[key],
+                what=f"{key!r} in {str(file)!r}",
+                fix="Space Ranger writes positive scale factors; restore the file from the Space Ranger output.",
+            )
     return {str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+_POSITIVE_SCALEFACTORS = (
+    ScaleFactors.MICRONS_PER_PIXEL,
+    ScaleFactors.SPOT_DIAMETER,
+    ScaleFactors.HIRES,
+    ScaleFactors.LOWRES,
+    "bin_size_um",
+)
 
 
 def _read_positions(file: Path) -> pd.DataFrame:

@@ -22,10 +22,12 @@ import numpy as np
 from .._constants import Obs, Obsm, Uns
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import check_grid_extent
 from ..pp._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
 
 MANIFEST_FORMAT = "sthisto-model"
 MANIFEST_VERSION = 1
+_MEMBER_PREFIX = "member"
 
 # Keys of the data/training parameter groups every method understands; methods extend them.
 _COMMON_DATA_DEFAULTS: dict[str, Any] = {
@@ -208,6 +210,10 @@ class ExpressionModel:
         self.trained_on: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
         """JSON-able state a method keeps beside its weights (e.g. coordinate frames)."""
+        self.members: list[ExpressionModel] = []
+        """Further ensemble members (``tl.train(..., n_members=K)``); this model is member 0."""
+        self.calibration: dict[str, Any] = {}
+        """Conformal calibrations by spread mode (:func:`sthisto.tl.calibrate`), JSON-able."""
         self.network = self.build_network()
         self.provenance: dict[str, Any] | None = network_provenance(self.network)
 
@@ -271,6 +277,18 @@ class ExpressionModel:
             positions = grid_positions(adata[train_index])
             paper = cls.network_default("n_positions", 64)
             data["n_positions"] = max(int(paper), int(positions.max()) + 1 if len(positions) else 1)
+            check_grid_extent(
+                data["n_positions"],
+                where=f"method {cls.name!r} on grid positions up to {data['n_positions'] - 1:,}",
+                fix="obs['array_row'] / obs['array_col'] must be grid indices from 0: shift them with "
+                "adata.obs['array_row'] -= adata.obs['array_row'].min() (same for array_col).",
+            )
+        elif cls.uses_positions:
+            check_grid_extent(
+                int(data["n_positions"]),
+                where=f"method {cls.name!r} with n_positions={data['n_positions']!r}",
+                fix="Pass a smaller n_positions (grid positions per axis), or leave it None to fit the data.",
+            )
         if cls.uses_positions:
             network.setdefault("n_positions", data["n_positions"])
         if cls.input_kind == "features":
@@ -325,8 +343,10 @@ class ExpressionModel:
         extras = tuple(data.get("extra_features") or ())
         key = cls.features_key(data)
         if cls.features_present(adata, data):
+            check_features_current(adata, key)
             return key
         if key is not None and key in adata.obsm:
+            check_features_current(adata, key)
             from ..encoders._registry import HISTOSGE_PATCH_UM
             from ..pp._embed import FUNCTION, embed_extras
 
@@ -834,6 +854,8 @@ class ExpressionModel:
             "trained_on": self.trained_on,
             "extra": self.extra,
             "weights_provenance": self.provenance,
+            "members": [member.manifest() for member in self.members],
+            "calibration": self.calibration,
         }
 
     def state_tensors(self) -> dict[str, Any]:
@@ -844,6 +866,21 @@ class ExpressionModel:
         """Inverse of :meth:`state_tensors`; strict about names and shapes."""
         result = self.network.load_state_dict(dict(tensors), strict=True)
         del result
+
+    def all_state_tensors(self) -> dict[str, Any]:
+        """:meth:`state_tensors` of this model and, under a ``member<k>/`` prefix, of each ensemble member."""
+        tensors = dict(self.state_tensors())
+        for number, member in enumerate(self.members, start=1):
+            tensors.update({f"{_MEMBER_PREFIX}{number}/{k}": v for k, v in member.state_tensors().items()})
+        return tensors
+
+    def load_all_state_tensors(self, tensors: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`all_state_tensors`: split the members' tensors off by their prefix."""
+        own = {k: v for k, v in tensors.items() if not k.startswith(_MEMBER_PREFIX)}
+        self.load_state_tensors(own)
+        for number, member in enumerate(self.members, start=1):
+            prefix = f"{_MEMBER_PREFIX}{number}/"
+            member.load_state_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> ExpressionModel:
@@ -859,13 +896,15 @@ class ExpressionModel:
         model.extra = dict(manifest.get("extra", {}))
         stored = manifest.get("weights_provenance")
         model.provenance = None if stored is None else dict(stored)
+        model.members = [cls.from_manifest(member) for member in manifest.get("members") or []]
+        model.calibration = dict(manifest.get("calibration") or {})
         return model
 
     def to_record(self) -> dict[str, Any]:
         """The record stored in ``uns['sthisto']['models'][key]``: JSON manifest + safetensors bytes."""
         from safetensors.torch import save
 
-        weights = save(self.state_tensors())
+        weights = save(self.all_state_tensors())
         return {"manifest": json.dumps(self.manifest()), "weights": np.frombuffer(weights, dtype=np.uint8).copy()}
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -876,7 +915,9 @@ class ExpressionModel:
         path
             Target folder (created).
         overwrite
-            Replace an existing saved model in that folder.
+            Replace an existing saved model in that folder. A folder holding anything else (files
+            other than ``manifest.json`` and ``weights.safetensors``, or a manifest sthisto did not
+            write) is refused, never emptied.
 
         Returns
         -------
@@ -957,6 +998,30 @@ def check_spots(adata) -> None:
         raise InputError(
             f"adata.obs_names has duplicate spot ids (e.g. {duplicated}); predictions could not be told "
             f"apart. Make them unique first: adata.obs_names_make_unique()."
+        )
+
+
+def check_features_current(adata, key: str) -> None:
+    """Refuse image features of ``obsm[key]`` cut at spot centres that have since moved.
+
+    :func:`sthisto.pp.embed` records a fingerprint of the spots (names, libraries, centres). On the
+    same spots with other centres the features describe the wrong pixels; a subset of the spots
+    (a held-out section's copy) keeps valid rows and cannot be compared, so it passes.
+    """
+    from ..pp._embed import FUNCTION, _spots_fingerprint, spot_names_fingerprint
+
+    entry = adata.uns.get(Uns.STHISTO, {}).get(FUNCTION, {}).get(key)
+    if not isinstance(entry, Mapping) or "spots_names_fingerprint" not in entry or "spots_fingerprint" not in entry:
+        return
+    libraries = library_ids(adata)
+    if str(entry["spots_names_fingerprint"]) != spot_names_fingerprint(adata, libraries):
+        return
+    embedded = np.flatnonzero(np.isin(libraries, [str(v) for v in np.atleast_1d(entry.get("libraries", []))]))
+    if str(entry["spots_fingerprint"]) != _spots_fingerprint(adata, libraries, spot_coordinates(adata), embedded):
+        raise InputError(
+            f"adata.obsm[{key!r}] holds image features cut at other spot centres: obsm['spatial'] changed "
+            f"after sthisto.pp.embed made them, so they describe the wrong pixels. Recompute them with "
+            f"sthisto.pp.embed(adata, encoder=..., key_added={key!r}, overwrite=True)."
         )
 
 

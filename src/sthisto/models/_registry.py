@@ -8,9 +8,12 @@ named variants (``variants = {"tiny": {...network kwargs...}}``), registered as
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # Modules defining the built-in methods; imported on first use of the registry so that
 # ``import sthisto`` stays light.
@@ -119,7 +122,7 @@ def list_models(*, include_variants: bool = True, include_aliases: bool = False)
     return sorted(names)
 
 
-def create(name: str, *, n_genes: int, **params):
+def create(name: str, *, n_genes: int, **params: Any) -> torch.nn.Module:
     """Create the network of a method with the paper's defaults, like ``timm.create_model``.
 
     Parameters

@@ -88,7 +88,7 @@ def _activation(name: str) -> nn.Module:
         return nn.ReLU(inplace=True)
     if name == "relu6":
         return nn.ReLU6(inplace=True)
-    raise InputError(f"gem_activation={name!r}; use 'relu' (paper default) or 'relu6' (reference).")
+    raise InputError(f"gem_activation={name!r}; use 'relu' (default) or 'relu6' (reference).")
 
 
 class GradientEnhancement(nn.Module):
@@ -122,7 +122,8 @@ class GradientEnhancement(nn.Module):
         super().__init__()
         self.plain = nn.Sequential(nn.Conv2d(3, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), _activation(activation))
         self.central = nn.Sequential(
-            CentralDifferenceConv2d(3, 3, stride=2, theta=theta, kernel=kernel),
+            # Without a bias, as in the authors' module (GEM: 168 parameters); BN follows anyway.
+            CentralDifferenceConv2d(3, 3, stride=2, theta=theta, kernel=kernel, bias=False),
             nn.BatchNorm2d(3),
             _activation(activation),
         )
@@ -202,12 +203,17 @@ def augment_patches(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def sample_augmentations(n_spots: int, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one view's per-spot augmentation parameters (see :func:`augment_patches`).
+    """Draw one view's augmentation parameters (see :func:`augment_patches`), shared by all spots.
 
     Grayscale with probability 0.1, a rotation angle uniform in [−90°, 90°], a horizontal flip
-    with probability 0.2 (the authors' code's augmentations).
+    with probability 0.2: the authors' code's transforms, which it applies to the whole
+    section's stack of patches at once, so one draw serves every spot of a view.
+
+    Returns
+    -------
+    ``(n_spots, 3)``, all rows equal.
     """
-    draws = torch.rand(n_spots, 3, generator=generator)
+    draws = torch.rand(1, 3, generator=generator).expand(n_spots, 3)
     params = torch.stack(
         (
             (draws[:, 0] < GRAYSCALE_P).float(),
@@ -236,8 +242,8 @@ class HGGEFNet(nn.Module):
     5. **Three transformers**, one per stage (pre-LN, ``depth`` blocks, GELU MLP of width
        ``mlp_dim``, dropout), attending across the section's spots.
     6. **Hypergraph association** (:class:`~sthisto.models.layers.hypergraph.HypergraphAssociation`)
-       on the sum of the three transformer outputs: each spot plus its ``hypergraph_k``
-       chosen spots form a hyperedge; two ``HypergraphConv`` (``dim → dim/2 → ReLU →
+       on the sum of the three transformer outputs: hyperedges from feature (and position)
+       proximity, by the paper's or the code's rule; two ``HypergraphConv`` (``dim → dim/2 → ReLU →
        LayerNorm → dropout 0.5 → dim``) with residual.
     7. **LSTM** (``lstm_layers``, width ``dim``) over the sequence [stage4, conv5, pooled conv5,
        hypergraph]; outputs averaged over the four steps.
@@ -271,21 +277,24 @@ class HGGEFNet(nn.Module):
     hypergraph_hidden
         Width between the two hypergraph convolutions (``dim // 2``).
     hypergraph_k
-        Members chosen per hyperedge besides the defining spot (3).
+        HGGEF's K (3): members added to each spot's hyperedge (paper rule), or one less than
+        the hyperedges each spot joins (reference rule).
     hypergraph_dropout
         Dropout between the hypergraph convolutions (0.5), training mode only.
     hypergraph_rule
-        *(variant)* ``"nearest"`` (paper: smallest incidence scores among all spots) or
-        ``"reference"`` (largest scores among ``edge_index`` neighbours, per-pair weights).
+        *(variant)* ``"nearest"`` (paper: each spot plus its K smallest incidence scores among
+        all spots) or ``"reference"`` (the code: adjacency and feature distance, each over its
+        row sum; each spot joins the hyperedges of its K + 1 largest scores; per-pair weights).
     theta
         Central-difference weight (0.7).
     cdc_kernel
         ``"cross"`` plus-shaped (default in both variants: the paper does not fix the
         neighbourhood, the authors' code uses it) or ``"full"`` 3 × 3 (CDCN).
     gem_activation
-        *(variant)* ``"relu"`` (paper default, see notes) or ``"relu6"`` (reference).
+        *(variant)* ``"relu"`` (default; the paper does not say, see notes) or ``"relu6"``
+        (reference).
     gem_fuse_padding
-        *(variant)* padding of the GEM 1 × 1 convolution: 0 (paper) or 1 (reference).
+        *(variant)* padding of the GEM 1 × 1 convolution: 0 (default) or 1 (reference).
     distillation
         *(variant)* compute the self-distillation views in training mode: off for the paper,
         on for the reference.
@@ -325,9 +334,8 @@ class HGGEFNet(nn.Module):
     neighbour, row 1 = spot; used by the reference hypergraph rule). Returns a dict with
     ``"prediction"`` ``(N, G)`` (log expression), ``"mean"``, ``"dispersion"``,
     ``"dropout"`` ``(N, G)`` (ZINB parameters), and, in training mode with distillation on,
-    ``"view_predictions"`` ``(V, N, G)`` (view 0 = the unaugmented patches, then
-    ``n_views`` augmented ones) and ``"view_weights"`` ``(V, N)`` (per-spot softmax over views
-    of the weight head).
+    ``"view_predictions"`` ``(n_views, N, G)`` (the augmented views' predictions) and
+    ``"view_weights"`` ``(n_views, N)`` (per-spot softmax over the views of the weight head).
 
     Paper vs authors' code (``variant="reference"`` reproduces the code where it matters):
 
@@ -344,9 +352,12 @@ class HGGEFNet(nn.Module):
       zero frame before BN); default padding 0 (56 × 56). The trunk output stays 4 × 4.
     - *Heads*: the paper says 8 attention heads; the code uses 16 × 64. Default 8 × 128 (same
       width and parameters).
-    - *Hypergraph node rule*: the paper takes each spot's K = 3 nearest spots (smallest
-      score); the code takes the largest scores among its spatial-graph neighbours (the most
-      dissimilar neighbours).
+    - *Hypergraph rule*: the paper's hyperedge is a spot and its K = 3 nearest spots (smallest
+      Norm(feature distance) + Norm(position distance)). The code scores spot ``i`` against
+      every spot ``j`` by ``A[i, j] / Σ A[i, ·] + d(i, j) / Σ d(i, ·)`` (spatial adjacency and
+      feature distance, positions unused), takes the K + 1 = 4 *largest*, and puts ``i`` into
+      hyperedge ``j`` for each of them (see
+      :func:`~sthisto.models.layers.hypergraph.build_hyperedges`).
     - *Hypergraph weights*: the code passes one weight per (spot, member) pair where
       ``HypergraphConv`` expects one per hyperedge, so hyperedge ``j`` gets the ``j``-th pair's
       score. Default: unit hyperedge weights. (``HypergraphConv`` only uses weights in its
@@ -355,18 +366,22 @@ class HGGEFNet(nn.Module):
       so its predictions are random. Here evaluation is deterministic in both variants
       (``model.eval()`` turns all dropout off); the code's behaviour is not reproduced.
     - *Self-distillation*: on in the code (0.5 × a term over five augmented views with
-      learned per-spot weights), not in the paper; default off, on for the reference.
-      The exact form of the term is ours, see :func:`self_distillation_loss`.
-    - *Optimiser*: the code rebuilds its Adam optimiser every 5 epochs (resetting moments);
-      that is a training-engine concern, not part of this network.
+      learned per-spot weights), not in the paper; default off, on for the reference. When on
+      (either variant), it is the code's term: one augmentation draw per view for the whole
+      section, the views' predictions averaged with the per-spot softmax weights, and the
+      squared difference to the main prediction (see :func:`self_distillation_loss`).
+    - *Schedule*: the paper trains with Adam 1e-5 for at most 400 epochs without a scheduler;
+      the code defines StepLR(50, 0.9) but rebuilds its Adam optimiser every 5 epochs (so the
+      rate never decays and the moments are reset) and runs 500 epochs. Training settings of
+      :class:`HGGEF`, not part of this network.
     - *Patch orientation*: the code transposes patches to (c, x, y); that is a data-side
       option (``PatchSpec(layout="cwh")``), not part of this network.
 
     Our readings where neither paper nor specification pins a detail down: feature and
     position distances are Euclidean and ``Norm`` divides by the section's largest distance;
-    distillation views draw, per spot, a rotation angle uniform in [−90°, 90°] (nearest
-    neighbour, zero fill, as torchvision's ``RandomRotation(90)``), grayscale with
-    probability 0.1 and a horizontal flip with probability 0.2. The three transformers run one
+    distillation views rotate by an angle uniform in [−90°, 90°] (nearest neighbour, zero
+    fill, as torchvision's ``RandomRotation(90)``), turn grayscale with probability 0.1 and
+    flip horizontally with probability 0.2, one draw per view for all spots (as the code). The three transformers run one
     after another: batching them with ``torch.func.vmap`` over stacked weights measured ~30%
     slower on the CPU (no batching rule for fused attention, and the 75 M weights are copied
     every step), and each one's ``N × 1024 × 3072`` products already keep the cores busy.
@@ -386,7 +401,7 @@ class HGGEFNet(nn.Module):
     --------
     >>> from sthisto.models.hggef import HGGEFNet, TINY_CONFIG
     >>> net = HGGEFNet(50, **TINY_CONFIG)  # small, for tests
-    >>> full = HGGEFNet(785, backbone_weights=None)  # the paper's network, random trunk
+    >>> full = HGGEFNet(785, backbone_weights=None)  # the default network, random trunk
     """
 
     input_keys = ("patches", "positions", "edge_index")
@@ -649,8 +664,8 @@ class HGGEFNet(nn.Module):
         Returns
         -------
         ``"prediction"``, ``"mean"``, ``"dispersion"``, ``"dropout"`` (each ``(N, G)``) and,
-        when distilling (training mode), ``"view_predictions"`` ``(V, N, G)`` and
-        ``"view_weights"`` ``(V, N)``.
+        when distilling (training mode), ``"view_predictions"`` ``(n_views, N, G)`` and
+        ``"view_weights"`` ``(n_views, N)``.
         """
         self._check_inputs(patches, positions, edge_index)
         positions = positions.long()
@@ -660,7 +675,7 @@ class HGGEFNet(nn.Module):
         latent = self.encode(patches, positions, edge_index, plan=plan)
         outputs = {"prediction": self.head(latent), **self.zinb(latent)}
         if distilling:
-            latents = [latent]
+            latents = []
             for _ in range(self.n_views):
                 params = sample_augmentations(patches.shape[0], device=patches.device)
                 latents.append(self.encode(patches, positions, edge_index, augmentation=params, plan=plan))
@@ -671,31 +686,26 @@ class HGGEFNet(nn.Module):
 
 
 def self_distillation_loss(
-    view_predictions: torch.Tensor, view_weights: torch.Tensor, target: torch.Tensor
+    view_predictions: torch.Tensor, view_weights: torch.Tensor, prediction: torch.Tensor
 ) -> torch.Tensor:
-    """Self-distillation term over augmented views with learned per-spot weights.
+    """The authors' self-distillation term: weighted augmented prediction against the main one.
 
-    The per-spot weighted ensemble of all views' predictions, ``Σ_v w_v · ŷ_v``, is fitted to
-    the target (this trains the weight head) and, detached, is the teacher every augmented
-    view's prediction is pulled towards: ``MSE(ensemble, y) + mean_v≥1 MSE(ŷ_v, ensemble)``.
-    (The authors' code combines five augmented views with learned per-spot weights; this is
-    our formulation of that idea, not a transcription.)
+    ``MSE(Σ_v w_v · ŷ_v, ŷ)``: the augmented views' predictions ``ŷ_v``, averaged per spot with
+    the weights ``w_v`` (softmax over the views of the weight head), against the prediction
+    ``ŷ`` on the unaugmented patches. Neither side is detached, as in the code, so the term
+    trains the main path, the views and the weight head.
 
     Parameters
     ----------
     view_predictions
-        ``(V, N, G)``; view 0 is the unaugmented input.
+        ``(V, N, G)`` predictions of the augmented views.
     view_weights
         ``(V, N)``, summing to one over views.
-    target
-        ``(N, G)`` normalised expression.
+    prediction
+        ``(N, G)`` prediction on the unaugmented patches.
     """
-    ensemble = (view_weights.unsqueeze(-1) * view_predictions).sum(dim=0)
-    fit = F.mse_loss(ensemble, target)
-    students = view_predictions[1:]
-    if students.shape[0] == 0:
-        return fit
-    return fit + F.mse_loss(students, ensemble.detach().unsqueeze(0).expand_as(students))
+    weighted = (view_weights.unsqueeze(-1) * view_predictions).sum(dim=0)
+    return F.mse_loss(weighted, prediction)
 
 
 def hggef_loss(
@@ -754,7 +764,7 @@ def hggef_loss(
         )
     distillation = zero
     if distillation_weight and "view_predictions" in outputs:
-        distillation = self_distillation_loss(outputs["view_predictions"], outputs["view_weights"], target)
+        distillation = self_distillation_loss(outputs["view_predictions"], outputs["view_weights"], prediction)
     loss = mse + zinb_weight * zinb + distillation_weight * distillation
     return {"loss": loss, "mse": mse, "zinb": zinb, "distillation": distillation}
 
@@ -768,6 +778,9 @@ from ._registry import register_method  # noqa: E402
 HER2ST_PATCH_UM = 77.0
 """The papers' field of view: 112 px at her2st's ≈0.688 µm/px."""
 
+REFERENCE_MAX_EPOCHS = 500
+"""Epochs of the authors' training script (the paper: at most 400)."""
+
 
 @register_method
 class HGGEF(ExpressionModel):
@@ -775,18 +788,20 @@ class HGGEF(ExpressionModel):
 
     Li et al. (Brief Bioinform 2024). One section per optimisation step; MSE on the log target
     (``log10(1 + 1e4 · counts / selected-gene total)``) + 0.25 × ZINB negative log-likelihood on
-    raw counts with mean × size factor; Adam 1e-5 with StepLR(50, 0.9), 500 epochs as one
-    continuous run. Patches are 112 px over 77 µm (112 px at her2st's resolution, resampled for
-    other scanners); the graph is the directed 8-NN on array coordinates pruned to distance ≤ 2,
+    raw counts with mean × size factor; Adam 1e-5 without a scheduler, at most 400 epochs as
+    one continuous run (the paper's schedule). Patches are 112 px over 77 µm (112 px at
+    her2st's resolution, resampled for other scanners); the graph is the directed 8-NN on array coordinates pruned to distance ≤ 2,
     the same for training and prediction. See :class:`HGGEFNet` for the network and every
     difference between the paper and the authors' code.
 
-    ``variant="reference"`` reproduces the code's hypergraph node rule, distillation (on), ReLU6,
-    padding quirk and 16 heads, and its native-pixel transposed patches (the cross CDC kernel is
-    the default of both variants). Not reproduced, by design: dropout at evaluation (evaluation
-    is deterministic), the optimiser being rebuilt every 5 epochs, and checkpoints chosen on the
-    test fold (sthisto never sees the test fold while training; model selection uses
-    ``validation=`` on training data).
+    ``variant="reference"`` reproduces the code's hypergraph rule and weights, distillation
+    (on), ReLU6, padding quirk and 16 heads, its native-pixel transposed patches and its 500
+    epochs at a constant rate (the code defines StepLR(50, 0.9) but rebuilds its optimiser every
+    5 epochs, so the rate never decays). The cross CDC kernel is the default of both variants.
+    Not reproduced, by design: dropout at evaluation (evaluation is deterministic), the Adam
+    moments being reset with each rebuilt optimiser, and checkpoints chosen on the test fold
+    (sthisto never sees the test fold while training; model selection uses ``validation=`` on
+    training data).
     """
 
     name = "hggef"
@@ -810,20 +825,19 @@ class HGGEF(ExpressionModel):
     }
     training_defaults = {
         "lr": 1e-5,
-        "max_epochs": 500,
-        "scheduler_step": 50,
-        "scheduler_gamma": 0.9,
+        "max_epochs": 400,
         "zinb_weight": 0.25,
         "distillation_weight": 0.5,
     }
 
     @classmethod
     def configure(cls, adata, *, genes, train_index, params):
-        """The reference variant also cuts native-pixel, transposed patches, as the code does."""
+        """The reference variant also cuts native-pixel, transposed patches and runs 500 epochs, as the code."""
         params = dict(params)
         if params.get("variant") == "reference":
             params.setdefault("patch_layout", "cwh")
             params.setdefault("patch_size_um", None)
+            params.setdefault("max_epochs", REFERENCE_MAX_EPOCHS)
         return super().configure(adata, genes=genes, train_index=train_index, params=params)
 
     @classmethod
@@ -852,13 +866,3 @@ class HGGEF(ExpressionModel):
             zinb_weight=float(self.training_params["zinb_weight"]),
             distillation_weight=float(self.training_params["distillation_weight"]),
         )["loss"]
-
-    def configure_optimizers(self, network):
-        """Adam 1e-5 with StepLR(50, 0.9), stepped once per epoch."""
-        optimizer = super().configure_optimizers(network)
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer,
-            step_size=int(self.training_params["scheduler_step"]),
-            gamma=float(self.training_params["scheduler_gamma"]),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from torch.nn import functional as F
 
 from .._errors import InputError
 from .._images import ImageSource
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 TILE_SIZE = 128
 """Side of the tiles the paper trains on."""
@@ -533,7 +536,7 @@ def tissue_tiles(
 
 
 def pretrain_autoencoder(
-    adata,
+    adata: AnnData,
     *,
     libraries: Sequence[str] | None = None,
     patch_size_um: float | None = None,
@@ -543,7 +546,7 @@ def pretrain_autoencoder(
     lr: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
-    device="auto",
+    device: str = "auto",
     progress_bar: bool = True,
 ) -> HistoSPACEAutoencoder:
     """Train HistoSPACE's autoencoder self-supervised on tissue tiles of the user's slides.
@@ -613,6 +616,10 @@ def pretrain_autoencoder(
     return network.eval()
 
 
+REFERENCE_TARGET = "log10_1e4_total"
+"""The authors' code's target: scprep's library-size normalisation to 1e4, then log10(1 + x)."""
+
+
 @register_method
 class HistoSPACE(ExpressionModel):
     """HistoSPACE: a convolutional autoencoder pre-trained on tiles, then a regressor on it.
@@ -630,9 +637,14 @@ class HistoSPACE(ExpressionModel):
     scale factors). The paper reports the per-spot Pearson across genes; ``tl.evaluate``
     reports it beside the per-gene Pearson.
 
-    Differences from the authors' code: encoder frozen there (``variant="reference"``). The
-    learning rate is not given; 1e-4 is used (1e-3 diverges on small batches because the two
-    linear layers have no activation between them).
+    Target: ``log1p`` of counts normalised to 1e4 over all genes (``target="log1p_1e4_total"``,
+    sthisto's choice: scanpy's convention). The authors' code normalises the same way but takes
+    ``log10(1 + x)`` (``"log10_1e4_total"``), which ``variant="reference"`` uses.
+
+    Differences from the authors' code (``variant="reference"`` reproduces them): the encoder
+    is frozen there, and its target uses ``log10``. The learning rate is not given; 1e-4 is
+    used (1e-3 diverges on small batches because the two linear layers have no activation
+    between them).
     """
 
     name = "histospace"
@@ -654,12 +666,13 @@ class HistoSPACE(ExpressionModel):
 
     @classmethod
     def configure(cls, adata, *, genes, train_index, params):
-        """Field of view from the spot diameter; ``variant="reference"`` freezes the encoder."""
+        """Field of view from the spot diameter; ``variant="reference"`` freezes the encoder and uses the code's target."""
         from ..pp._patches import library_ids
 
         params = dict(params)
         if params.get("variant", "paper") == "reference":
             params.setdefault("freeze_encoder", True)
+            params.setdefault("target", REFERENCE_TARGET)
         autoencoder = params.pop("autoencoder", None)
         model = super().configure(adata, genes=genes, train_index=train_index, params=params)
         model.data_params["patch_size_px"] = int(model.network_params.get("patch_size", TILE_SIZE))

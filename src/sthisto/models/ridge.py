@@ -20,6 +20,15 @@ Choice of the inner cross-validation
 
 PCA is fitted once on all training spots (it sees no targets); only the ridge penalty is
 cross-validated.
+
+HEST's published setting
+------------------------
+``alpha_rule="hest"`` reproduces the HEST-Benchmark's linear probe exactly, so numbers compare
+with its leaderboard: one fixed penalty ``alpha = 100 / (n_components · n_genes)`` for every
+gene (``n_components`` = PCA scores entering the ridge, 256 on HEST), no intercept, no inner
+cross-validation. Without an intercept the predictions are centred on zero rather than on
+each gene's mean; the per-gene Pearson correlation HEST reports does not see that offset, but
+MSE/MAE do, so compare those only between models fitted with the same rule.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ import numpy as np
 
 from .._errors import InputError
 
+ALPHA_RULES = ("cv", "hest")
+HEST_ALPHA_SCALE = 100.0
+"""HEST-Benchmark: alpha = 100 / (n_features · n_genes), with n_features the PCA scores."""
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-3, 7, 21))
 """Penalty grid: 1e-3 … 1e7 in half-decade steps."""
 STATE_FORMAT = "sthisto.ridge_baseline/1"
@@ -60,13 +72,18 @@ class RidgeBaseline:
         Scale features to unit variance before PCA (they are always centred).
     random_state
         Seed of the PCA solver (randomised solvers only).
+    alpha_rule
+        ``"cv"`` (default): per-gene penalties cross-validated over ``alphas``, with an
+        intercept. ``"hest"``: HEST-Benchmark's fixed ``100 / (k · G)`` for all genes, no
+        intercept (see the module documentation); ``alphas`` and ``cv`` are not used.
 
     Attributes
     ----------
     alpha_
         ``(G,)`` penalty chosen for each gene.
     cv_scheme_
-        ``"grouped-kfold(k)"``, ``"kfold(k)"`` or ``"loo"``: how the penalties were chosen.
+        ``"grouped-kfold(k)"``, ``"kfold(k)"``, ``"loo"`` or ``"hest-fixed"``: how the
+        penalties were chosen.
 
     Examples
     --------
@@ -82,7 +99,10 @@ class RidgeBaseline:
         cv: int | None = None,
         standardize: bool = True,
         random_state: int = 0,
+        alpha_rule: str = "cv",
     ) -> None:
+        if alpha_rule not in ALPHA_RULES:
+            raise InputError(f"alpha_rule={alpha_rule!r}; use 'cv' (cross-validated) or 'hest' (HEST's fixed alpha).")
         if int(n_components) != n_components or n_components < 1:
             raise InputError(f"n_components={n_components!r} must be a positive integer.")
         alphas = np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, dtype=np.float64).ravel()
@@ -95,6 +115,7 @@ class RidgeBaseline:
         self.cv = None if cv is None else int(cv)
         self.standardize = bool(standardize)
         self.random_state = int(random_state)
+        self.alpha_rule = alpha_rule
 
     # -- fitting ----------------------------------------------------------------------------
 
@@ -150,7 +171,16 @@ class RidgeBaseline:
         self.n_features_in_ = p
 
         n_groups = 0 if groups is None else len(np.unique(groups))
-        if n_groups >= 2 or self.cv is not None:
+        if self.alpha_rule == "hest":
+            from sklearn.linear_model import Ridge
+
+            alpha = HEST_ALPHA_SCALE / (k * Y.shape[1])
+            ridge = Ridge(alpha=alpha, fit_intercept=False, solver="svd").fit(Z, Y)
+            self.alpha_ = np.full(Y.shape[1], alpha)
+            self.coef_ = np.asarray(ridge.coef_, dtype=np.float64).reshape(Y.shape[1], k)
+            self.intercept_ = np.zeros(Y.shape[1])
+            self.cv_scheme_ = "hest-fixed"
+        elif n_groups >= 2 or self.cv is not None:
             from sklearn.model_selection import GroupKFold, KFold
 
             if n_groups >= 2:
@@ -240,7 +270,7 @@ class RidgeBaseline:
         ``components`` ``(k, p)``, ``coef`` ``(G, k)``, ``intercept`` ``(G,)``, ``alpha``
         ``(G,)``, ``alphas`` (grid), and JSON-able ``format``, ``n_components``,
         ``n_components_fitted``, ``n_features``, ``cv``, ``cv_scheme``, ``standardize``,
-        ``random_state``.
+        ``random_state``, ``alpha_rule``.
         """
         self._check_fitted()
         return {
@@ -252,6 +282,7 @@ class RidgeBaseline:
             "cv_scheme": self.cv_scheme_,
             "standardize": self.standardize,
             "random_state": self.random_state,
+            "alpha_rule": self.alpha_rule,
             "feature_mean": self.feature_mean_.copy(),
             "feature_scale": self.feature_scale_.copy(),
             "pca_mean": self.pca_mean_.copy(),
@@ -279,6 +310,7 @@ class RidgeBaseline:
             cv=state["cv"],
             standardize=state["standardize"],
             random_state=state["random_state"],
+            alpha_rule=str(state.get("alpha_rule", "cv")),
         )
         arrays = {key: np.asarray(state[key], dtype=np.float64) for key in _ARRAY_KEYS}
         n_features, n_components = int(state["n_features"]), int(state["n_components_fitted"])
@@ -329,8 +361,10 @@ class Ridge(ExpressionModel):
 
     Parameters (``tl.train(..., **params)``)
     -----------------------------------------
-    n_components, alphas, cv, standardize
-        See :class:`RidgeBaseline`.
+    n_components, alphas, cv, standardize, alpha_rule
+        See :class:`RidgeBaseline`; ``alpha_rule="hest"`` is HEST-Benchmark's published
+        setting (fixed ``alpha = 100 / (n_components · n_genes)``, no intercept, 256 PCA
+        components), beside the default cross-validated penalties.
     encoder, encoder_weights, features_key, patch_size_um, image_key
         Where the features come from (see :meth:`ExpressionModel.ensure_features`).
     target
@@ -345,7 +379,14 @@ class Ridge(ExpressionModel):
     network_class = None
     batching = "spots"
     data_defaults = {"encoder": "handcrafted"}
-    training_defaults = {"n_components": 256, "alphas": None, "cv": None, "standardize": True, "max_epochs": 0}
+    training_defaults = {
+        "n_components": 256,
+        "alphas": None,
+        "cv": None,
+        "standardize": True,
+        "alpha_rule": "cv",
+        "max_epochs": 0,
+    }
 
     def build_network(self):
         """Ridge has no neural network; the fitted estimator lives in :attr:`estimator`."""
@@ -360,6 +401,7 @@ class Ridge(ExpressionModel):
             cv=params["cv"],
             standardize=bool(params["standardize"]),
             random_state=int(seed),
+            alpha_rule=str(params["alpha_rule"]),
         )
 
     def fit(self, adata, train_index, *, targets, seed: int = 0, validation=None, **_engine_params) -> Ridge:

@@ -10,14 +10,19 @@ Per section of ``N`` spots (one section = one batch):
 3. **Tokens**: the 20 capsules plus an x and a y position token (64-d each, learnable tables),
    concatenated: 22 × 64 = 1408 values per spot; token dropout 0.2.
 4. **Transformer** over the section's spots: 4 pre-LayerNorm blocks (cSCC: 8), 16 heads × 64,
-   MLP 2048, GELU, dropout 0.2, no CLS token, no final norm.
+   MLP 2048, GELU, dropout 0.2 after the attention projection and in the MLP (none on the
+   attention weights), no CLS token, no final norm.
 5. **Graph attention** on the directed 4-NN graph (no self-loops): 8 heads × 1024, ELU,
    concatenated → 8192; one head 8192 → 512, ELU. LeakyReLU 0.01 in the scores, dropout 0.2
-   on inputs and attention, softmax over each spot's neighbours (paper eqs. 13–16).
+   on inputs and attention, softmax over each spot's neighbours (paper eqs. 13–15); per paper
+   eq. 16 each head combines the spot's own projected feature with the neighbour aggregate
+   through a weight and a bias (the authors' code, ``variant="reference"``, keeps the
+   aggregate alone).
 6. **Head**: Linear 512 → 1024 → ReLU → LayerNorm → Linear → G.
 
-``THItoGeneNet(785)`` has 63,586,712 parameters; ``THItoGeneNet(171, depth=8)`` 109,136,690,
-the counts of the authors' modules.
+Parameters: ``THItoGeneNet(785)`` (paper) 80,896,920 and ``THItoGeneNet(171, depth=8)``
+126,446,898; with ``variant="reference"`` 63,586,712 and 109,136,690, the counts of the
+authors' modules.
 """
 
 from __future__ import annotations
@@ -171,6 +176,11 @@ class THItoGeneNet(nn.Module):
         Hidden width of the prediction head (1024).
     variant
         ``"paper"`` (default) or ``"reference"``; see Notes.
+    gat_self_term
+        Paper eq. 16 in both graph-attention layers: ``ω_h [W_h x_i ‖ Σ_j α_ij W_h x_j] + β_h``
+        per head (:class:`~sthisto.models.layers.graph_attention.GraphAttention`,
+        ``self_term=True``). Default: on for ``"paper"``, off for ``"reference"`` (the code
+        uses the neighbour aggregate only).
     encoder_chunk_size
         Largest batch of patches the encoder normalises together in training; larger
         sections are encoded in chunks under activation checkpointing (see Memory).
@@ -190,20 +200,25 @@ class THItoGeneNet(nn.Module):
     int64 ``(2, E)``, row 0 the neighbour (source), row 1 the target. Returns
     ``{"prediction": (N, G) float}``.
 
-    **Variants.** The authors' reference code differs from the paper in the patch
-    orientation (patches transposed to (c, x, y): ``PatchSpec(layout="cwh")``, handled by the
-    patch source) and, outside the network, in the target normalisation, seeds and the
-    absence of validation. No difference lives in the network, so ``variant="reference"``
-    builds the same layers with the same parameters; the argument is accepted and stored so
-    that a model records which variant it belongs to.
+    **Variants.** In the network the authors' code differs from the paper in the graph
+    attention: the paper's eq. 16 concatenates the spot's own feature with the neighbour
+    aggregate and applies a weight ``ω`` and a bias ``β``; the code returns the neighbour
+    aggregate alone. ``variant="reference"`` builds the code's layers (63,586,712 parameters at
+    785 genes); the default adds, per head of both layers, ``ω_h`` ``(width, 2 · width)`` and
+    ``β_h`` (17,310,208 more at the default widths). Outside the network the code also
+    transposes patches to (c, x, y) (``PatchSpec(layout="cwh")``, handled by the patch source)
+    and differs in seeds and the absence of validation.
 
     **Unspecified details, decided here.** Capsule conv order conv → BN → ReLU (as the method
     description says; Efficient-CapsNet's own code uses conv → ReLU → BN). Graph attention
-    without bias terms and with one ``(2 · width)`` attention vector per head — the
-    parameterisation that reproduces the parameter counts above. A spot without incoming
-    edges (a section of ≤ 1 spot, or a graph that leaves a spot out) receives a zero graph
-    message, so its prediction depends on its transformer token only through the head's
-    biases; kNN graphs give every spot ``k`` neighbours.
+    projections without bias terms and with one ``(2 · width)`` attention vector per head —
+    the parameterisation that reproduces the authors' counts. Eq. 16's "own feature" is read
+    as the head's projection ``W_h x_i`` of the layer input, with one ``ω_h``, ``β_h`` per head
+    (how heads share them is sthisto's choice). A spot without incoming edges (a
+    section of ≤ 1 spot, or a graph that leaves a spot out) receives a zero neighbour
+    aggregate: with eq. 16 its output still carries its own feature; in the reference its
+    prediction depends on its transformer token only through the head's biases. kNN graphs
+    give every spot ``k`` neighbours.
 
     **Memory.** Activation memory grows linearly with the section (never ``N²``), and on
     large sections it is bounded by recomputation. Every technique computes the same function
@@ -224,10 +239,9 @@ class THItoGeneNet(nn.Module):
       input and recomputes normalisation and ReLU in the backward pass
       (:func:`~sthisto.models.layers.capsules.norm_relu_conv`); the dynamic convolution keeps
       the uint8 patches, not their float copy. About half the conv-stack memory.
-    * *Attention.* Self-attention never stores ``N × N`` per head: PyTorch's fused kernel
-      without dropout (evaluation) or on GPUs; on the CPU in training, where PyTorch's fused
-      kernel refuses dropout and its fallback stores three ``heads × N × N`` tensors per
-      layer, a blockwise kernel that recomputes scores and dropout masks in the backward pass
+    * *Attention.* Self-attention never stores ``N × N`` per head: the attention weights are
+      not dropped (as in the paper and the authors' code; dropout follows the output
+      projection), so PyTorch's fused kernel serves training and evaluation on CPU and GPU
       (:mod:`sthisto.models.layers.transformer`). Dropout masks are kept as booleans.
     * *Recomputing wide layers.* Sections above ``checkpoint_above`` spots (default 2048)
       also recompute each transformer block and the 8192-wide graph-attention layer in the
@@ -244,8 +258,8 @@ class THItoGeneNet(nn.Module):
     without an ``in × in`` agreement matrix; dropout masks are drawn four per 64-bit random
     word (``keep_mask``), ~8× faster than ``bernoulli_``. Train with
     ``torch.optim.Adam(..., fused=True)`` (a fifth of the default Adam's time on CPU).
-    The step is dominated by dense matrix products and convolutions (119 GFLOP for a
-    forward + backward over 180 spots), which run at 100 GFLOP/s or more on two AVX2 cores;
+    The step is dominated by dense matrix products and convolutions (136 GFLOP for a
+    forward + backward over 180 spots; 118 with the reference's graph attention), which run at 100 GFLOP/s or more on two AVX2 cores;
     ``benchmarks/thitogene_step.py`` prints this arithmetic floor beside the measured step.
 
     Examples
@@ -281,6 +295,7 @@ class THItoGeneNet(nn.Module):
         gat_negative_slope: float = 0.01,
         head_hidden: int = 1024,
         variant: Variant = "paper",
+        gat_self_term: bool | None = None,
         encoder_chunk_size: int = 1024,
         encoder_block_size: int = 128,
         checkpoint_above: int | None = 2048,
@@ -298,6 +313,7 @@ class THItoGeneNet(nn.Module):
         self.encoder_chunk_size = int(encoder_chunk_size)
         self.checkpoint_above = checkpoint_above
         self.token_dim = (capsules + 2) * capsule_dim
+        self.gat_self_term = (variant == "paper") if gat_self_term is None else bool(gat_self_term)
 
         self.encoder = THItoGeneEncoder(
             odconv_channels=odconv_channels,
@@ -319,6 +335,7 @@ class THItoGeneNet(nn.Module):
             concat=True,
             negative_slope=gat_negative_slope,
             dropout=gat_dropout,
+            self_term=self.gat_self_term,
         )
         self.gat_out = GraphAttention(
             gat_heads * gat_dim,
@@ -327,6 +344,7 @@ class THItoGeneNet(nn.Module):
             concat=False,
             negative_slope=gat_negative_slope,
             dropout=gat_dropout,
+            self_term=self.gat_self_term,
         )
         self.head = nn.Sequential(
             nn.Linear(gat_out, head_hidden),
@@ -469,8 +487,9 @@ class THItoGene(ExpressionModel):
     for other scanners). The graph is the directed 4-NN on array coordinates without self-loops.
     Position tables have 64 entries or more when the training data's grid needs it.
 
-    ``variant="reference"`` reproduces the authors' code where it differs: patches transposed
-    to (channels, x, y) and cut at native pixels (see :class:`THItoGeneNet` for the network).
+    ``variant="reference"`` reproduces the authors' code where it differs: graph attention on
+    the neighbour aggregate only (the paper's eq. 16 adds the spot's own feature, see
+    :class:`THItoGeneNet`), patches transposed to (channels, x, y) and cut at native pixels.
     Reference-code quirks not reproduced: one global seed for all folds (sthisto seeds each
     fold), no validation.
 

@@ -1,4 +1,4 @@
-"""Plotting: gene maps over the H&E, metric distributions, training curves, domain maps."""
+"""Plotting: gene maps over the H&E, metric distributions, training curves, domain maps, uncertainty."""
 
 from .._lazy import lazy_exports
 
@@ -11,5 +11,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "training_curves": "._training",
         "domain_maps": "._domains",
         "slide_map": "._slide",
+        "uncertainty_maps": "._uncertainty",
+        "calibration_curve": "._uncertainty",
+        "error_vs_spread": "._uncertainty",
     },
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,8 +20,16 @@ from ._utils import (
     finish,
     frame_axes,
     library_geometry,
+    show_or_return,
     spots_in_frame,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    from anndata import AnnData
+    from matplotlib.figure import Figure
 
 
 def _match_clusters(labels: np.ndarray, clusters: np.ndarray) -> dict:
@@ -38,7 +47,7 @@ def _match_clusters(labels: np.ndarray, clusters: np.ndarray) -> dict:
 
 
 def domain_maps(
-    adata,
+    adata: AnnData,
     *,
     predicted: str,
     labels_key: str,
@@ -52,12 +61,14 @@ def domain_maps(
     leiden_resolution: float = 1.0,
     leiden_connectivities: str = "umap",
     seed: int = 0,
-    palette=None,
+    palette: Sequence[Any] | Mapping[str, Any] | None = None,
     spot_scale: float = 1.0,
     panel_size: float = 4.0,
     save: str | Path | None = None,
     dpi: float | None = None,
-):
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
     """Annotations beside clusters of the predicted expression, with their ARI.
 
     The clusters are computed exactly as :func:`sthisto.tl.evaluate` computes them for its
@@ -90,10 +101,17 @@ def domain_maps(
         Spot diameter multiplier; inches per panel.
     save, dpi
         Save the figure to this file.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the figure.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure` (two axes: annotations, clusters).
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.figure.Figure` (two axes: annotations, clusters).
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
@@ -175,4 +193,4 @@ def domain_maps(
     handles = [Patch(facecolor=colors[c], label=c) for c in categories + extra]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False, fontsize="small")
     finish(fig, save, dpi)
-    return fig
+    return show_or_return(fig, fig, show=show, return_fig=return_fig, own_figure=True)

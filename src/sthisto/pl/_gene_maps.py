@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,8 +18,13 @@ from ._utils import (
     frame_axes,
     layer_values,
     library_geometry,
+    show_or_return,
     spots_in_frame,
 )
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.figure import Figure
 
 
 def _panels(adata, layers) -> list[tuple[object, str, str]]:
@@ -42,7 +48,7 @@ def _panels(adata, layers) -> list[tuple[object, str, str]]:
 
 
 def gene_maps(
-    adata,
+    adata: AnnData,
     genes: str | Sequence[str],
     *,
     layers: Sequence,
@@ -55,7 +61,9 @@ def gene_maps(
     panel_size: float = 3.0,
     save: str | Path | None = None,
     dpi: float | None = None,
-):
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
     """Gene maps over the H&E: one row per gene, one column per layer, one colour scale per gene.
 
     Parameters
@@ -89,10 +97,17 @@ def gene_maps(
         Write the figure to this file (format from the extension).
     dpi
         Resolution when saving.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the figure.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure`; its axes are ``fig.axes`` (row-major, then one
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.figure.Figure`; its axes are ``fig.axes`` (row-major, then one
     colour bar per gene).
 
     Examples
@@ -160,4 +175,4 @@ def gene_maps(
                 ax.set_ylabel(gene)
         fig.colorbar(collection, ax=list(axes[row]), shrink=0.8, pad=0.01)
     finish(fig, save, dpi)
-    return fig
+    return show_or_return(fig, fig, show=show, return_fig=return_fig, own_figure=True)

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .._constants import Uns
 from .._errors import InputError, MissingKeyError
-from ._utils import category_colors, finish
+from ._utils import category_colors, finish, show_or_return
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 _PER_GENE_METRICS = ("pearson", "spearman", "ssim", "mse", "mae")
 
@@ -41,18 +50,20 @@ def _labels_of(adata, keys: list[str]) -> list[str]:
 
 
 def metric_distribution(
-    adata,
+    adata: AnnData,
     keys: str | Sequence[str],
     *,
     metric: str = "pearson",
     kind: str = "box",
     per_group: bool = True,
     labels: Sequence[str] | None = None,
-    palette=None,
-    ax=None,
+    palette: Sequence[Any] | Mapping[str, Any] | None = None,
+    ax: Axes | None = None,
     save: str | Path | None = None,
     dpi: float | None = None,
-):
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Distributions of a per-gene metric (default Pearson r) per method and section.
 
     Parameters
@@ -76,12 +87,20 @@ def metric_distribution(
         Axes to draw into (default: a new figure).
     save, dpi
         Save the figure to this file.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the axes.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`. Genes without a defined value (constant genes) are
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.axes.Axes`. Genes without a defined value (constant genes) are
     not drawn; their number is in the evaluation table.
     """
+    own_figure = ax is None
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -139,7 +158,7 @@ def metric_distribution(
     ax.set_xlabel("section" if per_group else "")
     ax.legend(handles=[Patch(facecolor=colors[lab], label=lab) for lab in labels], frameon=False, fontsize="small")
     finish(ax.figure, save, dpi)
-    return ax
+    return show_or_return(ax.figure, ax, show=show, return_fig=return_fig, own_figure=own_figure)
 
 
 def _table_for_heatmap(data, keys) -> pd.DataFrame:
@@ -168,7 +187,7 @@ def _table_for_heatmap(data, keys) -> pd.DataFrame:
 
 
 def metrics_heatmap(
-    data,
+    data: AnnData | pd.DataFrame,
     keys: str | Sequence[str] | None = None,
     *,
     metric: str = "pearson_gene_mean",
@@ -176,10 +195,12 @@ def metrics_heatmap(
     annotate: bool = True,
     fmt: str = "{:.2f}",
     cmap: str = "viridis",
-    ax=None,
+    ax: Axes | None = None,
     save: str | Path | None = None,
     dpi: float | None = None,
-):
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Heat map of one metric across methods (rows) and sections (columns).
 
     Parameters
@@ -204,11 +225,19 @@ def metrics_heatmap(
         Axes to draw into (default: a new figure).
     save, dpi
         Save the figure to this file.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the axes.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`.
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.axes.Axes`.
     """
+    own_figure = ax is None
     import matplotlib.pyplot as plt
 
     table = _table_for_heatmap(data, keys)
@@ -248,4 +277,4 @@ def metrics_heatmap(
                             color="black" if values[i, j] > middle else "white")  # fmt: skip
     ax.figure.colorbar(image, ax=ax, label=metric, shrink=0.9)
     finish(ax.figure, save, dpi)
-    return ax
+    return show_or_return(ax.figure, ax, show=show, return_fig=return_fig, own_figure=own_figure)

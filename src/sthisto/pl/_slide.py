@@ -5,17 +5,32 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._constants import Images, Metadata, ScaleFactors, Uns
 from .._errors import InputError, MissingKeyError
 from ..pp._patches import library_ids
-from ._utils import choose_library, default_diameter, draw_spots, finish, frame_axes, layer_values, spots_in_frame
+from ._utils import (
+    choose_library,
+    default_diameter,
+    draw_spots,
+    finish,
+    frame_axes,
+    layer_values,
+    show_or_return,
+    spots_in_frame,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def slide_map(
-    adata,
+    adata: AnnData,
     genes: str | Sequence[str],
     *,
     library_id: str | None = None,
@@ -29,10 +44,12 @@ def slide_map(
     spot_scale: float = 1.0,
     ncols: int = 3,
     panel_size: float = 4.0,
-    ax=None,
+    ax: Axes | Sequence[Axes] | None = None,
     save: str | Path | None = None,
     dpi: float | None = None,
-):
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> tuple[Figure, list[Axes]] | Figure | None:
     """Maps of predicted genes over a whole slide, drawn on one level of its image.
 
     Parameters
@@ -72,16 +89,24 @@ def slide_map(
         Write the figure to this file (format from the extension).
     dpi
         Resolution when saving.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns ``(fig, axes)``.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    ``(fig, axes)``: the figure and the list of panel axes (one per gene).
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise ``(fig, axes)``: the figure and the list of panel axes (one per gene).
 
     Examples
     --------
     >>> predicted = sthisto.tl.predict(sthisto.pp.tile(slide), "model_dir")
-    >>> fig, axes = sthisto.pl.slide_map(predicted, ["ERBB2", "CD74"], level="hires")
+    >>> fig, axes = sthisto.pl.slide_map(predicted, ["ERBB2", "CD74"], level="hires", show=False)
     """
+    own_figure = ax is None
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
 
@@ -129,7 +154,7 @@ def slide_map(
         panel.set_title(gene)
         fig.colorbar(collection, ax=panel, fraction=0.046, pad=0.02)
     finish(fig, save, dpi)
-    return fig, axes
+    return show_or_return(fig, (fig, axes), show=show, return_fig=return_fig, own_figure=own_figure)
 
 
 def _background(adata, library: str, level) -> tuple[np.ndarray | None, float]:

@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._constants import Uns
 from .._errors import InputError, MissingKeyError
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from ..models._base import ExpressionModel
 
 
 def _as_history(value) -> dict[str, np.ndarray]:
@@ -45,14 +55,16 @@ def _histories(source, key: str | None) -> dict[str, dict[str, np.ndarray]]:
 
 
 def training_curves(
-    source,
+    source: ExpressionModel | Mapping[str, Any] | AnnData,
     key: str | None = None,
     *,
     log_scale: bool = False,
-    ax=None,
+    ax: Axes | None = None,
     save: str | Path | None = None,
     dpi: float | None = None,
-):
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Training (solid) and validation (dashed) loss per epoch.
 
     Parameters
@@ -69,12 +81,20 @@ def training_curves(
         Axes to draw into (default: a new figure).
     save, dpi
         Save the figure to this file.
+    show
+        Show the figure with ``plt.show()`` and return ``None`` (scanpy's convention). By
+        default ``True`` when this call made the figure and ``False`` when it drew into a given
+        ``ax``. ``False`` returns the axes.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` (not shown) instead.
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`. The epoch a model kept (lowest validation loss) is
+    ``None`` when the figure is shown (see ``show``; ``return_fig=True`` gives the figure).
+    Otherwise the :class:`matplotlib.axes.Axes`. The epoch a model kept (lowest validation loss) is
     marked when validation was used.
     """
+    own_figure = ax is None
     import matplotlib.pyplot as plt
 
     curves = _histories(source, key)
@@ -111,7 +131,7 @@ def training_curves(
     if log_scale:
         ax.set_yscale("log")
     ax.legend(frameon=False, fontsize="small")
-    from ._utils import finish
+    from ._utils import finish, show_or_return
 
     finish(ax.figure, save, dpi)
-    return ax
+    return show_or_return(ax.figure, ax, show=show, return_fig=return_fig, own_figure=own_figure)

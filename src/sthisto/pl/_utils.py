@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,26 @@ def finish(fig, save: str | Path | None, dpi: float | None) -> None:
             raise InputError(f"save={str(save)!r} has no file extension; use e.g. 'maps.png' or 'maps.pdf'.")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
+
+
+def show_or_return(fig, drawn, *, show: bool | None, return_fig: bool, own_figure: bool):
+    """End a plot the scanpy way: show it and return ``None``, or return what was drawn.
+
+    ``show=None`` shows a figure the call made itself, not one drawn into the caller's ``ax``
+    (the caller may still be filling it). Returning ``None`` after showing is what makes a
+    notebook cell ending in a ``pl`` call display the figure once: the inline backend shows
+    and closes it, and there is no returned Figure for IPython to display again.
+    """
+    if return_fig:
+        return fig
+    if show is None:
+        show = own_figure
+    if not show:
+        return drawn
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():
+        # Agg and other file backends have nothing to show; the figure stays open for plt.savefig.
+        warnings.filterwarnings("ignore", message=".*non-interactive.*", category=UserWarning)
+        plt.show()
+    return None

@@ -18,5 +18,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "histosge_features": "._embed",
         "tissue_mask": "._tissue",
         "tile": "._tile",
+        "pool": "._pool",
     },
 )

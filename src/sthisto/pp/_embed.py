@@ -6,7 +6,7 @@ import hashlib
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,7 +15,17 @@ from .._constants import Obs, Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError, NoImageError
 from .._images import has_image
 from .._logging import logger
+from .._sdata import accepts_spatialdata
+from .._validate import checked_input
 from ._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from os import PathLike
+
+    from anndata import AnnData
+
+    from ..encoders._encoder import Encoder
 
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 256}
 """Patches per encoder call when ``batch_size=None``. On CPU, 8–16 was fastest for both the
@@ -60,26 +70,28 @@ def extra_key(key_added: str) -> str:
     return f"{key_added}_extra"
 
 
+@accepts_spatialdata
+@checked_input
 def embed(
-    adata,
+    adata: AnnData,
     *,
-    encoder="handcrafted",
+    encoder: str | Encoder | Callable[..., Any] = "handcrafted",
     patch_size_um: float | None = None,
     image_key: str | None = None,
     key_added: str | None = None,
     batch_size: int | None = None,
-    device="auto",
+    device: str = "auto",
     precision: str = "auto",
     num_workers: int = 0,
     extra_features: Sequence[str] = (),
     libraries: Sequence[str] | None = None,
-    weights=None,
+    weights: str | PathLike[str] | None = None,
     token: str | None = None,
     encoder_kwargs: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     overwrite: bool = False,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Embed every spot's image patch with an encoder.
 
     Patches of ``patch_size_um`` µm around each spot centre are cut lazily from each library's
@@ -215,6 +227,7 @@ def embed(
         precision=encoder_obj.replace(device=torch_device).resolve_precision(precision),
         libraries=sorted(selected),
         spots_fingerprint=_spots_fingerprint(adata, spot_libraries, coords, indices),
+        spots_names_fingerprint=spot_names_fingerprint(adata, spot_libraries),
     )
 
     if key_added in adata.obsm and not overwrite:
@@ -395,7 +408,7 @@ class _BatchedPatches:
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise InputError(f"{name}={value!r} must be a positive integer.")
+        raise InputError(f"{name}={value!r} must be a positive integer, or None for the default.")
     return int(value)
 
 
@@ -442,6 +455,14 @@ def _spots_fingerprint(adata, spot_libraries, coords, indices) -> str:
     digest.update("\0".join(spot_libraries).encode())
     digest.update(np.ascontiguousarray(coords, dtype=np.float64).tobytes())
     digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def spot_names_fingerprint(adata, spot_libraries) -> str:
+    """Hash of the spots' names and libraries only: tells whether later features checks see the same spots."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update("\0".join(map(str, adata.obs_names)).encode())
+    digest.update("\0".join(spot_libraries).encode())
     return digest.hexdigest()
 
 
@@ -565,7 +586,9 @@ def _plain(value):
     return value
 
 
-def histosge_features(adata, key: str = "X_uni", *, frame: Mapping[str, Sequence[float]] | None = None) -> np.ndarray:
+def histosge_features(
+    adata: AnnData, key: str = "X_uni", *, frame: Mapping[str, Sequence[float]] | None = None
+) -> np.ndarray:
     """HisToSGE's paper descriptor: the embedding with the spot's coordinates and RGB mean appended.
 
     Needs ``pp.embed(..., key_added=key, extra_features=("coords", "rgb_mean"))`` (any order).

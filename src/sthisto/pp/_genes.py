@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -14,6 +14,10 @@ from .._anndata import check_record_writable, check_writable, maybe_copy, record
 from .._constants import Obs, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 _FUNCTION = "select_genes"
 _FLAVORS = ("per_section_union", "seurat_v3", "seurat", "cell_ranger")
@@ -21,8 +25,9 @@ _DEFAULT_MIN_SPOTS = {"per_section_union": 1000}
 """The papers' rule drops genes non-zero in fewer than 1000 spots; scanpy flavours do not filter."""
 
 
+@checked_input(genes=True)
 def select_genes(
-    adata,
+    adata: AnnData,
     *,
     genes: Sequence[str] | None = None,
     flavor: Literal["per_section_union", "seurat_v3", "seurat", "cell_ranger"] = "per_section_union",
@@ -34,7 +39,7 @@ def select_genes(
     key_added: str = Var.SELECTED,
     copy: bool = False,
     overwrite: bool = False,
-):
+) -> AnnData | None:
     """Mark the genes a model predicts.
 
     Three ways:

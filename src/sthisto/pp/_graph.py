@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -12,6 +12,11 @@ from .._anndata import check_record_writable, check_writable, maybe_copy, record
 from .._constants import Obs, Obsm
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from numpy.typing import ArrayLike
 
 _FUNCTION = "spatial_graph"
 _METHODS = ("knn", "grid", "radius")
@@ -24,11 +29,11 @@ _DISTANCE_RTOL = 1e-9
 
 
 def knn_edge_index(
-    coords,
+    coords: ArrayLike,
     *,
     n_neighbors: int,
     max_distance: float | None = None,
-    groups=None,
+    groups: ArrayLike | None = None,
 ) -> np.ndarray:
     """Directed k-nearest-neighbour graph without self-loops, as THItoGene and HGGEF build it.
 
@@ -132,8 +137,9 @@ def _nearest_k(coords: np.ndarray, rows: np.ndarray, candidates: np.ndarray, k: 
     )
 
 
+@checked_input
 def spatial_graph(
-    adata,
+    adata: AnnData,
     *,
     method: Literal["knn", "grid", "radius"] = "knn",
     coordinates: Literal["array", "pixel"] = "array",
@@ -143,10 +149,12 @@ def spatial_graph(
     key_added: str = "spatial",
     copy: bool = False,
     overwrite: bool = False,
-):
+) -> AnnData | None:
     """Build each section's spot graph with squidpy, never linking spots of different sections.
 
-    Wraps :func:`squidpy.gr.spatial_neighbors` with ``library_key='library_id'``. The object's
+    Wraps squidpy with ``library_key='library_id'``: its per-kind functions
+    (``squidpy.gr.spatial_neighbors_knn`` / ``_grid`` / ``_radius``) where the installed
+    squidpy has them (newer releases), else :func:`squidpy.gr.spatial_neighbors`. The object's
     own keys are left as they are apart from the outputs (squidpy runs on a temporary object
     holding the chosen coordinates).
 
@@ -184,7 +192,8 @@ def spatial_graph(
     - ``obsp[f"{key_added}_distances"]``: CSR distances of those pairs;
     - ``uns[f"{key_added}_neighbors"]``: squidpy's parameter record;
 
-    and ``uns['sthisto']['spatial_graph'][key_added]`` with this call's parameters.
+    and ``uns['sthisto']['spatial_graph'][key_added]`` with this call's parameters and the
+    squidpy function used (``squidpy_function``).
 
     Examples
     --------
@@ -228,7 +237,7 @@ def spatial_graph(
     check_writable(adata, "uns", neighbors_key, overwrite=overwrite)
     check_record_writable(adata, _FUNCTION, key_added, overwrite=overwrite)
 
-    connectivities, distances, neighbors = _squidpy_graph(
+    connectivities, distances, neighbors, squidpy_function = _squidpy_graph(
         coords, libraries, method, int(n_neighbors), radius, key_added
     )
     if max_distance is not None:
@@ -249,6 +258,7 @@ def spatial_graph(
             "radius": radius,
             "max_distance": max_distance,
             "n_edges": int(connectivities.nnz),
+            "squidpy_function": squidpy_function,
         },
         overwrite=overwrite,
     )
@@ -307,19 +317,38 @@ def _squidpy_graph(coords, libraries, method, n_neighbors, radius, key_added):
         index=pd.RangeIndex(len(libraries)).astype(str),
     )
     temporary = ad.AnnData(obs=obs, obsm={_TEMPORARY_KEY: coords})
-    options = {
-        "knn": {"coord_type": "generic", "n_neighs": n_neighbors},
-        "grid": {"coord_type": "grid", "n_neighs": n_neighbors},
-        "radius": {"coord_type": "generic", "radius": float(radius) if radius is not None else None},
-    }[method]
-    squidpy.gr.spatial_neighbors(
+    name, options = _squidpy_call(squidpy.gr, method, n_neighbors, radius)
+    getattr(squidpy.gr, name)(
         temporary, spatial_key=_TEMPORARY_KEY, library_key=Obs.LIBRARY_ID, key_added=key_added, **options
     )
     return (
         sp.csr_matrix(temporary.obsp[f"{key_added}_connectivities"]),
         sp.csr_matrix(temporary.obsp[f"{key_added}_distances"]),
         temporary.uns[f"{key_added}_neighbors"],
+        f"squidpy.gr.{name}",
     )
+
+
+# Newer squidpy builds each kind of graph with its own function and deprecates, then removes
+# (1.9), the single gr.spatial_neighbors(coord_type=...) that 1.8 and earlier offer.
+_SQUIDPY_PER_KIND = {
+    "knn": "spatial_neighbors_knn",
+    "grid": "spatial_neighbors_grid",
+    "radius": "spatial_neighbors_radius",
+}
+
+
+def _squidpy_call(gr, method: str, n_neighbors: int, radius: float | None) -> tuple[str, dict]:
+    """The squidpy function (name in ``squidpy.gr``) and its options for ``method``."""
+    if hasattr(gr, _SQUIDPY_PER_KIND[method]):
+        options = {"radius": float(radius)} if method == "radius" else {"n_neighs": n_neighbors}
+        return _SQUIDPY_PER_KIND[method], options
+    options = {
+        "knn": {"coord_type": "generic", "n_neighs": n_neighbors},
+        "grid": {"coord_type": "grid", "n_neighs": n_neighbors},
+        "radius": {"coord_type": "generic", "radius": float(radius) if radius is not None else None},
+    }[method]
+    return "spatial_neighbors", options
 
 
 def _prune(coords, connectivities, distances, max_distance):

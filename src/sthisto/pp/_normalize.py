@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -18,21 +18,30 @@ from .._anndata import check_record_writable, check_writable, maybe_copy, record
 from .._constants import Layers, Obs
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from numpy.typing import ArrayLike
+    from scipy.sparse import csr_matrix, sparray, spmatrix
 
 _FUNCTION = "normalize"
 
-Variant = Literal["log10_1e4", "ln_1e6", "log1p_1e4_total"]
+Variant = Literal["log10_1e4", "ln_1e6", "log1p_1e4_total", "log10_1e4_total"]
 
 VARIANTS: dict[str, dict] = {
     "log10_1e4": {"scale": 1e4, "log": "log10", "denominator": "selected"},
     "ln_1e6": {"scale": 1e6, "log": "ln", "denominator": "selected"},
     "log1p_1e4_total": {"scale": 1e4, "log": "ln", "denominator": "total"},
+    "log10_1e4_total": {"scale": 1e4, "log": "log10", "denominator": "total"},
 }
 """Each variant's scale, logarithm and which genes its per-spot denominator sums over.
 
 - ``log10_1e4``: THItoGene / HGGEF released code and results (default).
 - ``ln_1e6``: the THItoGene paper's text.
 - ``log1p_1e4_total``: HisToSGE, scanpy's ``normalize_total(1e4)`` over all genes + ``log1p``.
+- ``log10_1e4_total``: the HistoSPACE authors' code (scprep's library-size normalisation to
+  1e4 over all genes, then ``log10(1 + x)``).
 """
 
 
@@ -110,12 +119,12 @@ def check_counts(counts, *, spot_names: Sequence[str] | None = None, gene_names:
 
 
 def normalize_counts(
-    counts,
+    counts: ArrayLike | spmatrix | sparray,
     variant: Variant = "log10_1e4",
     *,
-    library_size=None,
+    library_size: ArrayLike | None = None,
     validate: bool = True,
-):
+) -> np.ndarray | csr_matrix:
     """Apply a method's target transform to a count matrix, without AnnData.
 
     ``value = log(1 + counts / library_size × scale)``, and 0 for every gene of a spot whose
@@ -129,11 +138,12 @@ def normalize_counts(
         ``"log10_1e4"`` (THItoGene/HGGEF released code, default): scale 1e4, ``log10``.
         ``"ln_1e6"`` (THItoGene paper text): scale 1e6, natural log.
         ``"log1p_1e4_total"`` (HisToSGE, scanpy): scale 1e4, natural log.
+        ``"log10_1e4_total"`` (HistoSPACE authors' code): scale 1e4, ``log10``.
     library_size
         Per-spot denominator, shape ``(n_spots,)``. Default: the row sums of ``counts``, which is
         the right denominator for ``log10_1e4``/``ln_1e6`` when ``counts`` holds the selected
-        genes. For ``log1p_1e4_total`` pass the total over *all* genes when ``counts`` is a
-        subset.
+        genes. For ``log1p_1e4_total`` and ``log10_1e4_total`` pass the total over *all* genes
+        when ``counts`` is a subset.
     validate
         Check for NaN/infinite/negative values (see :func:`check_counts`).
 
@@ -187,7 +197,7 @@ def _log_transform(scaled: np.ndarray, spec: dict) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def size_factors(library_size, groups=None) -> np.ndarray:
+def size_factors(library_size: ArrayLike, groups: ArrayLike | None = None) -> np.ndarray:
     """Library size divided by its median within each group (section), for count losses.
 
     The median is taken over spots with a positive library size, so that a section with many
@@ -215,8 +225,9 @@ def size_factors(library_size, groups=None) -> np.ndarray:
     return out.astype(np.float32)
 
 
+@checked_input(genes=True)
 def normalize(
-    adata,
+    adata: AnnData,
     *,
     variant: Variant = "log10_1e4",
     genes: str | Sequence[str] | None = None,
@@ -224,7 +235,7 @@ def normalize(
     key_added: str = Layers.NORMALIZED,
     copy: bool = False,
     overwrite: bool = False,
-):
+) -> AnnData | None:
     """Write a method's target transform of the counts into a new layer, with size factors.
 
     The layer covers every gene of ``var``; a model trains on the selected genes only. For
@@ -232,8 +243,8 @@ def normalize(
     genes' counts, and non-selected genes are scaled by the same denominator (so the selected
     genes' values are exactly the methods' target and the other genes are on the same scale).
     For ``"log1p_1e4_total"`` the denominator is the total over all genes (scanpy's
-    :func:`~scanpy.pp.normalize_total` with ``target_sum=1e4``, then :func:`~scanpy.pp.log1p`).
-    A spot whose denominator is 0 stays all-zero. Sparse counts give a sparse layer.
+    :func:`~scanpy.pp.normalize_total` with ``target_sum=1e4``, then :func:`~scanpy.pp.log1p`);
+    ``"log10_1e4_total"`` uses the same denominator with ``log10``. A spot whose denominator is 0 stays all-zero. Sparse counts give a sparse layer.
 
     Parameters
     ----------
@@ -243,7 +254,8 @@ def normalize(
         ``"log10_1e4"`` (default; THItoGene and HGGEF released code and results): selected-gene
         counts / their sum × 1e4, then ``log10(1 + x)``. ``"ln_1e6"`` (THItoGene paper text):
         × 1e6, natural log. ``"log1p_1e4_total"`` (HisToSGE): ``normalize_total(1e4)`` over all
-        genes, then natural ``log1p``.
+        genes, then natural ``log1p``. ``"log10_1e4_total"`` (HistoSPACE authors' code): the
+        same denominator and scale, then ``log10(1 + x)``.
     genes
         The selected genes: ``None`` (all genes of ``var``), the name of a boolean ``var``
         column (e.g. ``"sthisto_selected"`` written by :func:`select_genes`), or a list of
@@ -287,8 +299,11 @@ def normalize(
     indicator[adata.var_names.get_indexer(selected)] = 1.0
     selected_size = np.asarray(counts @ indicator, dtype=np.float64).ravel()
     spec = VARIANTS[variant]
-    if spec["denominator"] == "total":
+    if spec["denominator"] == "total" and spec["log"] == "ln":
         target = _scanpy_log1p_total(counts, spec["scale"])
+    elif spec["denominator"] == "total":
+        totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        target = normalize_counts(counts, variant, library_size=totals, validate=False)
     else:
         target = normalize_counts(counts, variant, library_size=selected_size, validate=False)
     groups = adata.obs[Obs.LIBRARY_ID].astype(str).to_numpy() if Obs.LIBRARY_ID in adata.obs else None

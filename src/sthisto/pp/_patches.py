@@ -80,7 +80,16 @@ def library_ids(adata) -> np.ndarray:
             "adata.obs['library_id'] is missing: sthisto needs to know the section of every spot. "
             "For a single section: adata.obs['library_id'] = pd.Categorical(['<name>'] * adata.n_obs)."
         )
-    return adata.obs[Obs.LIBRARY_ID].astype(str).to_numpy()
+    column = adata.obs[Obs.LIBRARY_ID]
+    missing = column.isna().to_numpy()
+    if missing.any():
+        # astype(str) would file these spots under a section literally named 'nan'.
+        names = adata.obs_names[missing][:5].tolist()
+        raise InputError(
+            f"{int(missing.sum())} spots have no obs['library_id'] (NaN, e.g. {names}). Assign each spot its "
+            f"section, or drop them: adata = adata[adata.obs['library_id'].notna()].copy()."
+        )
+    return column.astype(str).to_numpy()
 
 
 class PatchDataset:
@@ -89,6 +98,11 @@ class PatchDataset:
     Images are opened lazily per library and patches are cut on request, never all at once:
     memory stays bounded by the batch, whatever the slide size. Patches that reach past the
     image border are padded with white and flagged in :attr:`clipped`, never shifted.
+
+    A library read by :func:`sthisto.io.read_hest` with a patch file serves HEST's pre-cut
+    patches (resampled to ``size_px``) instead of cutting the slide, when ``image_key`` is
+    ``None``, ``spec.size_um`` equals the pre-cut field of view (within 1 %) and every served
+    spot of the library has a pre-cut patch.
 
     Parameters
     ----------
@@ -123,6 +137,9 @@ class PatchDataset:
         self.indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=int)
         self._library = libraries[self.indices]
         self._images: dict[str, LibraryImage] = {}
+        # Library -> (patch file, row in it per spot of adata): HEST's pre-cut patches, used when
+        # their field of view is the one asked for, so the slide is not cut again.
+        self._precut: dict[str, tuple[str, np.ndarray]] = {}
         n = len(self.indices)
         self._origin = np.zeros((n, 2), dtype=np.int64)  # (y0, x0) in the image frame
         self._side = np.zeros(n, dtype=np.int64)
@@ -157,6 +174,9 @@ class PatchDataset:
             self.clipped[rows] = (
                 (origin[:, 0] < 0) | (origin[:, 1] < 0) | (origin[:, 0] + side > width) | (origin[:, 1] + side > height)
             )
+            precut = _precut_rows(adata, library, self.indices[rows], self.spec, image_key)
+            if precut is not None:
+                self._precut[library] = precut
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -188,8 +208,13 @@ class PatchDataset:
         # Spots of one library share a crop side, so each library's crops resample as one batch.
         for library in np.unique(self._library[items]):
             positions = np.flatnonzero(self._library[items] == library)
-            side = int(self._side[items[positions[0]]])
-            crops = _read_crops(self._images[library].source, self._origin[items[positions]], side)
+            if library in self._precut:
+                file, patch_rows = self._precut[library]
+                crops = _read_precut(file, patch_rows[self.indices[items[positions]]])
+                side = crops.shape[1]
+            else:
+                side = int(self._side[items[positions[0]]])
+                crops = _read_crops(self._images[library].source, self._origin[items[positions]], side)
             batch = torch.from_numpy(crops).permute(0, 3, 1, 2)
             if side != size:
                 batch = _resample(batch, size)
@@ -197,6 +222,38 @@ class PatchDataset:
         if self.spec.layout == "cwh":
             out = out.transpose(-1, -2).contiguous()
         return out, self.clipped[items]
+
+
+PRECUT_TOLERANCE = 0.01
+"""Pre-cut patches stand in for cut ones when their field of view is within 1 % of the request."""
+
+
+def _precut_rows(adata, library: str, spots: np.ndarray, spec: PatchSpec, image_key) -> tuple[str, np.ndarray] | None:
+    """The pre-cut patch file of ``library`` and each spot's row in it, when usable for ``spec``."""
+    from .._constants import Metadata, Uns
+
+    metadata = adata.uns.get(Uns.SPATIAL, {}).get(library, {}).get(Uns.METADATA, {})
+    file = metadata.get(Metadata.PATCHES_PATH)
+    if image_key is not None or file is None or spec.size_um is None or Obs.PATCH_INDEX not in adata.obs:
+        return None
+    field_um = float(metadata[Metadata.PATCHES_MICRONS_PER_PIXEL]) * int(metadata[Metadata.PATCHES_SIZE_PX])
+    if abs(field_um - spec.size_um) > PRECUT_TOLERANCE * spec.size_um:
+        return None
+    rows = adata.obs[Obs.PATCH_INDEX].to_numpy(dtype=np.int64)
+    if (rows[spots] < 0).any():
+        return None
+    return str(file), rows
+
+
+def _read_precut(file: str, rows: np.ndarray) -> np.ndarray:
+    """Patches ``(n, side, side, 3)`` uint8 at ``rows`` of a HEST patch file, in the order given."""
+    import h5py
+
+    unique, inverse = np.unique(rows, return_inverse=True)
+    with h5py.File(file, "r") as h5:
+        # h5py reads increasing indices only; one read per batch, then reorder.
+        patches = np.asarray(h5["img"][unique])
+    return np.ascontiguousarray(patches[inverse][..., :3]).astype(np.uint8, copy=False)
 
 
 REGION_READ_OVERHEAD = 4.0

@@ -19,7 +19,7 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -28,6 +28,10 @@ from .._constants import Images, Metadata, ScaleFactors, Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError, NoImageError
 from .._images import ImageSource, check_image_array, library_spatial, open_image_file
 from .._logging import logger
+from .._validate import checked_input
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 _FUNCTION = "stain_normalize"
 METHODS = ("macenko", "reinhard", "vahadane")
@@ -693,11 +697,12 @@ def _reference_image(adata, reference, image_key: str | None, max_side: int) -> 
 # --------------------------------------------------------------------------- public function
 
 
+@checked_input
 def stain_normalize(
-    adata,
+    adata: AnnData,
     *,
     method: Literal["macenko", "reinhard", "vahadane"] = "macenko",
-    reference=None,
+    reference: np.ndarray | str | None = None,
     target: Mapping | None = None,
     remove_colour_cast: bool = False,
     standardize_luminosity: bool = False,
@@ -711,7 +716,7 @@ def stain_normalize(
     random_state: int = 0,
     copy: bool = False,
     overwrite: bool = False,
-):
+) -> AnnData | None:
     """Normalise the H&E staining of each library's image to a reference, as a new image key.
 
     Optional colour-cast removal (each RGB channel scaled so that its 99th percentile maps to

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy as copy_module
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,11 @@ from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError, MissingKeyError
 from .._images import library_spatial, microns_per_pixel
 from .._logging import logger
+from .._validate import checked_input
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 FUNCTION = "tile"
 GRIDS = ("square", "hex")
@@ -32,8 +38,9 @@ _BAND_SPOTS = 200_000
 """Grid positions processed at once (bounds temporaries on slides with millions of positions)."""
 
 
+@checked_input
 def tile(
-    adata,
+    adata: AnnData,
     *,
     spacing_um: float = 100.0,
     diameter_um: float | None = 55.0,
@@ -46,7 +53,7 @@ def tile(
     as_spatialdata: bool = False,
     overwrite: bool = False,
     copy: bool = False,
-):
+) -> AnnData | SpatialData:
     """Place pseudo-spots on a regular grid over each slide's tissue.
 
     To predict with a trained model, tile with the grid the model was trained on (Visium:

@@ -15,6 +15,7 @@ thresholding is done directly with scikit-image.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,10 @@ from .._constants import Images, Metadata, ScaleFactors, Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError
 from .._images import library_spatial, microns_per_pixel
 from .._logging import logger
+from .._validate import checked_input
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 FUNCTION = "tissue_mask"
 METHODS = ("otsu", "od")
@@ -38,8 +43,9 @@ _DARK = 0.15
 """Pixels whose brightest channel is below this (0–1) are pen marks, dust or scanner border."""
 
 
+@checked_input
 def tissue_mask(
-    adata,
+    adata: AnnData,
     *,
     library_id: str | None = None,
     level: str | int | None = None,
@@ -50,7 +56,7 @@ def tissue_mask(
     min_hole_um2: float = 100_000.0,
     overwrite: bool = False,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Detect the tissue of each slide on a low-resolution image.
 
     Parameters

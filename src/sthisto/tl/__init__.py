@@ -1,4 +1,4 @@
-"""Tools: list methods, train, predict, super-resolve, cross-validate, evaluate."""
+"""Tools: list methods, train, predict, calibrate, super-resolve, cross-validate, evaluate."""
 
 from .._lazy import lazy_exports
 
@@ -15,5 +15,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "evaluate": "._evaluate",
         "get_metrics": "._evaluate",
         "cross_validate": "._cross_validate",
+        "calibrate": "._calibrate",
     },
 )

@@ -25,17 +25,23 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from .._anndata import check_record_writable, check_writable, record, sthisto_uns, write
-from .._constants import Obs, Uns, Var
+from .._constants import Layers, Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
 from ..pp._patches import library_ids
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..models._base import ExpressionModel
 
 _FUNCTION = "cross_validate"
 SPLITS = {
@@ -88,6 +94,10 @@ class _Task:
     device: Any
     train_kwargs: dict
     store_model: bool
+    calibration: np.ndarray | None = None
+    uncertainty: str | None = None
+    interval: float | None = None
+    n_samples: int = 20
 
 
 # --- fold plans -------------------------------------------------------------------------------------
@@ -117,6 +127,8 @@ def plan_folds(adata, split: str, folds=None, *, seed: int = 0) -> list[Fold]:
             plan.append(Fold(str(library), [str(library)], np.setdiff1d(rows, test), test))
         return plan
 
+    if _is_split_folder(folds):
+        return _hest_split_plan(adata, Path(folds), libraries)
     column = Obs.LIBRARY_ID if split == "section" else Obs.PATIENT
     if column not in adata.obs:
         raise MissingKeyError(
@@ -151,6 +163,100 @@ def plan_folds(adata, split: str, folds=None, *, seed: int = 0) -> list[Fold]:
     return plan
 
 
+def _is_split_folder(folds) -> bool:
+    """Whether ``folds`` names a folder of HEST-Benchmark split files (``train_<k>.csv`` / ``test_<k>.csv``)."""
+    if isinstance(folds, Path):
+        return True
+    return isinstance(folds, str) and Path(folds).expanduser().is_dir()
+
+
+def _hest_split_plan(adata, folder: Path, libraries: np.ndarray) -> list[Fold]:
+    """Folds read from HEST-Benchmark's ``splits/`` folder: samples are matched to ``library_id``."""
+    import re
+
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise InputError(
+            f"folds={str(folder)!r} is not a folder; pass HEST's splits/ folder (train_0.csv, test_0.csv, ...)."
+        )
+    pattern = re.compile(r"^(train|test)_(\d+)\.csv$")
+    found: dict[int, dict[str, Path]] = {}
+    for file in folder.iterdir():
+        match = pattern.match(file.name)
+        if match:
+            found.setdefault(int(match.group(2)), {})[match.group(1)] = file
+    incomplete = sorted(k for k, pair in found.items() if len(pair) != 2)
+    if not found or incomplete:
+        raise InputError(
+            f"{str(folder)!r} holds no complete HEST split pairs (train_<k>.csv with test_<k>.csv)"
+            + (f"; fold(s) {incomplete} lack one file" if incomplete else "")
+            + ". Point folds= at a HEST-Benchmark task's splits/ folder."
+        )
+    present = set(libraries)
+    patients = adata.obs[Obs.PATIENT].astype(str).to_numpy() if Obs.PATIENT in adata.obs else None
+    plan, tested = [], set()
+    for k in sorted(found):
+        samples = {}
+        for role, file in found[k].items():
+            try:
+                table = pd.read_csv(file)
+            except Exception as err:
+                raise InputError(f"could not read HEST split file {str(file)!r}: {err}.") from err
+            if "sample_id" not in table.columns:
+                raise InputError(
+                    f"HEST split file {str(file)!r} has no 'sample_id' column (it has {list(table.columns)})."
+                )
+            samples[role] = [str(v) for v in table["sample_id"]]
+            missing = sorted(set(samples[role]) - present)
+            if missing:
+                raise MissingKeyError(
+                    f"HEST split {file.name} names samples {missing[:10]} that are not values of obs['library_id']. "
+                    f"Read them too (sthisto.io.read_hest(root, sample_ids=...)), or subset the split files."
+                )
+        overlap = sorted(set(samples["train"]) & set(samples["test"]))
+        if overlap:
+            raise InputError(f"HEST split fold {k} lists samples {overlap} in both train_{k}.csv and test_{k}.csv.")
+        repeated = sorted(set(samples["test"]) & tested)
+        if repeated:
+            raise InputError(f"HEST split fold {k} tests samples {repeated} already tested by an earlier fold.")
+        tested |= set(samples["test"])
+        train = np.flatnonzero(np.isin(libraries, samples["train"]))
+        test = np.flatnonzero(np.isin(libraries, samples["test"]))
+        if patients is not None:
+            shared = sorted(set(patients[train]) & set(patients[test]))
+            if shared:
+                logger.warning(
+                    "HEST split fold %d: patient(s) %s have samples on both sides; the split is not patient-level "
+                    "for these obs['patient'] values.",
+                    k,
+                    shared[:10],
+                )
+        plan.append(Fold(f"fold{k}", sorted(set(samples["test"])), train, test))
+    return plan
+
+
+def read_gene_list(path) -> list[str]:
+    """Gene names from a HEST gene-list JSON (``{"genes": [...]}``) or a text file, one per line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"gene list file {str(path)!r} does not exist.")
+    try:
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            content = json.loads(text)
+            genes = content.get("genes") if isinstance(content, dict) else content
+        else:
+            genes = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    except (OSError, ValueError) as err:
+        raise InputError(f"could not read gene list {str(path)!r}: {err}.") from err
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) for g in genes):
+        raise InputError(
+            f"gene list {str(path)!r} must be a JSON list or an object with a 'genes' list (HEST's "
+            f"var_50genes.json), or a text file with one gene per line."
+        )
+    return genes
+
+
 def _ordered(adata, column: str) -> list:
     values = adata.obs[column]
     if isinstance(values.dtype, pd.CategoricalDtype):
@@ -166,6 +272,10 @@ def _gene_rule(adata, genes) -> tuple[str, Any]:
 
     if callable(genes):
         return "per_fold_training_data", genes
+    if isinstance(genes, Path) or (
+        isinstance(genes, str) and genes.lower().endswith((".json", ".txt")) and genes not in adata.var
+    ):
+        genes = read_gene_list(genes)
     if isinstance(genes, str) and ":" in genes and genes not in adata.var:
         flavor, _, number = genes.partition(":")
         if flavor not in _GENE_RULE_FLAVORS or not number.isdigit() or int(number) < 1:
@@ -264,7 +374,12 @@ def _fit_task(adata, task: _Task) -> dict:
         device=task.device,
         **task.train_kwargs,
     )
-    predictions = model.predict(adata, task.test, device=task.device)
+    spread = {}
+    if task.uncertainty is None and task.interval is None and not model.members:
+        predictions = model.predict(adata, task.test, device=task.device)
+    else:
+        spread = _fold_spread(adata, model, task)
+        predictions = spread.pop("mean")
     reference = model.predict(adata, task.reference, device=task.device) if task.reference is not None else None
     if task.store_model:
         model_record = model.to_record()
@@ -281,7 +396,82 @@ def _fit_task(adata, task: _Task) -> dict:
         "record": model_record,
         "device": str(task.device),
         **weights_fields(model),
+        "spread": spread,
+        "calibration": {
+            "n_spots": 0 if task.calibration is None else int(len(task.calibration)),
+            "libraries": [] if task.calibration is None else sorted(set(library_ids(adata)[task.calibration])),
+        },
     }
+
+
+def _fold_spread(adata, model, task: _Task) -> dict:
+    """Calibrate on the fold's held-aside training spots, then predict the test spots with spread."""
+    from ._calibrate import ABSOLUTE, calibrate_model, interval_bounds
+    from ._uncertainty import predictive
+
+    if task.calibration is not None:
+        calibrate_model(
+            model,
+            adata,
+            task.calibration,
+            alpha=round(1 - float(task.interval), 10),
+            uncertainty=task.uncertainty,
+            levels=[float(task.interval)],
+            n_samples=task.n_samples,
+            seed=task.seed,
+            device=task.device,
+        )
+    output = predictive(
+        model, adata, task.test, uncertainty=task.uncertainty, n_samples=task.n_samples, seed=task.seed,
+        device=task.device,
+    )  # fmt: skip
+    out = {k: output[k] for k in ("mean", "std") if k in output}
+    if task.interval is not None:
+        entry = model.calibration.get(task.uncertainty) or model.calibration[ABSOLUTE]
+        std = output.get("std") if entry["conformal"] == "normalized" else None
+        out["lower"], out["upper"] = interval_bounds(entry, output["mean"], std, float(task.interval))
+    return out
+
+
+def _calibration_split(adata, fold: Fold, calibration, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split a fold's training spots into (training, calibration) spots, from training data only."""
+    rng = np.random.default_rng(seed)
+    if calibration == "section":
+        libraries = library_ids(adata)[fold.train]
+        sections = sorted(set(libraries))
+        if len(sections) < 2:
+            raise InputError(
+                f"calibration='section' holds one training section aside, but fold {fold.name!r} trains on "
+                f"{len(sections)} section. Pass calibration=0.2 (a fraction of the training spots) instead."
+            )
+        held = sections[int(rng.integers(len(sections)))]
+        return fold.train[libraries != held], fold.train[libraries == held]
+    held = np.zeros(len(fold.train), dtype=bool)
+    held[rng.choice(len(fold.train), size=max(1, int(round(float(calibration) * len(fold.train)))), replace=False)] = (
+        True
+    )
+    return fold.train[~held], fold.train[held]
+
+
+def _check_spread_options(uncertainty, interval, calibration) -> None:
+    from ._uncertainty import check_mode
+
+    check_mode(uncertainty)
+    if interval is not None and (isinstance(interval, bool) or not 0 < float(interval) < 1):
+        raise InputError(f"interval={interval!r} must be a coverage level between 0 and 1, e.g. 0.9.")
+    if calibration is not None:
+        fraction = not isinstance(calibration, (str, bool)) and isinstance(calibration, (int, float))
+        if calibration != "section" and not (fraction and 0 < float(calibration) < 1):
+            raise InputError(
+                f"calibration={calibration!r}; use 'section' (one training section held aside per fold) or a "
+                f"fraction of the training spots such as 0.2."
+            )
+        if interval is None:
+            raise InputError("calibration= fits intervals: pass interval=0.9 (the coverage level) as well.")
+    elif interval is not None:
+        raise InputError(
+            "interval= needs calibration inside each fold: pass calibration='section' or a fraction such as 0.2."
+        )
 
 
 _WORKER: dict[str, Any] = {}
@@ -346,12 +536,13 @@ def _run_tasks(adata, tasks: list[_Task], *, n_jobs: int, devices: list | None, 
 
 
 # --- the public function ----------------------------------------------------------------------------
+@checked_input(genes=True)
 def cross_validate(
-    adata,
-    method,
+    adata: AnnData,
+    method: str | type[ExpressionModel] | Sequence[str | type[ExpressionModel]],
     *,
     split: str = "section",
-    folds=None,
+    folds: Sequence[str] | float | None = None,
     key_added: str | None = None,
     seed: int = 0,
     genes: Sequence[str] | str | Callable | None = None,
@@ -360,6 +551,10 @@ def cross_validate(
     evaluate_params: dict | None = None,
     method_params: dict[str, dict] | None = None,
     store_models: bool = True,
+    uncertainty: str | None = None,
+    interval: float | None = None,
+    calibration: str | float | None = None,
+    n_samples: int = 20,
     n_jobs: int = 1,
     devices: Sequence | None = None,
     progress: bool = True,
@@ -384,6 +579,11 @@ def cross_validate(
         ``"section"`` / ``"patient"``: ``None`` (every section / patient is a test fold once)
         or the list of sections / patients to test (all others still train every fold).
         ``"spots"``: the fraction of each section's spots held out (default 0.5).
+        A folder (``str`` or :class:`~pathlib.Path`) of HEST-Benchmark split files
+        (``train_<k>.csv`` / ``test_<k>.csv`` with a ``sample_id`` column, as in
+        ``bench_data/<task>/splits/``): fold ``k`` trains on the listed training samples and
+        tests on the listed test samples, matched to ``obs['library_id']`` (the sample ids
+        :func:`sthisto.io.read_hest` gives).
     key_added
         Output key. One method: default ``f"cv_{method}"``. A list: the prefix (default
         ``"cv"``) of the per-method keys ``f"{key_added}_{method}"``.
@@ -398,7 +598,9 @@ def cross_validate(
         training spots only: a rule ``"<flavor>:<n>"`` (``hvg`` = scanpy ``seurat``,
         ``seurat_v3``, ``cell_ranger``, ``per_section_union``; see
         :func:`sthisto.pp.select_genes`), or a callable receiving an AnnData of the fold's
-        training spots (``X``, ``obs``, ``var``; no images) and returning gene names.
+        training spots (``X``, ``obs``, ``var``; no images) and returning gene names. A path
+        to a gene-list file is read as a given list: HEST's ``var_50genes.json``
+        (``{"genes": [...]}``) or a text file with one gene per line.
     layer
         Train on (and score against) this layer instead of normalising ``X`` with the
         method's target transform. It must not depend on test spots (per-spot transforms
@@ -415,6 +617,20 @@ def cross_validate(
         Store each fold's model record (manifest + weights). ``False`` keeps manifests
         (genes, parameters, training history) without weights — large networks times many
         folds would otherwise make ``uns`` very large.
+    uncertainty
+        Spread of the out-of-fold predictions (see :func:`sthisto.tl.predict`), written to
+        ``layers[f"{k}_std"]``; ``"ensemble"`` needs ``n_members=K`` (a :func:`sthisto.tl.train`
+        argument, passed through).
+    interval
+        Coverage level of conformal intervals on the test spots, written to
+        ``layers[f"{k}_lower"]`` / ``[f"{k}_upper"]``; needs ``calibration``.
+    calibration
+        Calibrate inside each fold on training data only: ``"section"`` holds one training
+        section (drawn with the fold's seed) out of training and calibrates on it; a fraction
+        such as ``0.2`` holds that share of the training spots aside. The fold's model then
+        trains on the rest. With ``uncertainty`` the intervals are normalised by the spread.
+    n_samples
+        Monte-Carlo dropout passes (``uncertainty="dropout"``).
     n_jobs
         Folds trained at once. ``1``: in this process, one after another. ``> 1``: a pool of
         ``n_jobs`` spawned worker processes, each receiving a copy of ``adata`` and
@@ -522,6 +738,9 @@ def cross_validate(
     if unknown_eval:
         raise InputError(f"evaluate_params has {unknown_eval}, which sthisto.tl.evaluate does not accept.")
 
+    _check_spread_options(uncertainty, interval, calibration)
+    if uncertainty == "ensemble" and int(train_params.get("n_members", 1)) < 2:
+        raise InputError("uncertainty='ensemble' trains ensembles in every fold: pass n_members=K (K >= 2) as well.")
     plan = plan_folds(adata, split, folds, seed=seed)
     gene_selection, rule = _gene_rule(adata, genes)
     leak = _selection_on_all_spots(adata, genes) if gene_selection == "given" else None
@@ -538,6 +757,8 @@ def cross_validate(
         check_writable(adata, "var", Var.predicted(key), overwrite=overwrite)
         check_record_writable(adata, _FUNCTION, key, overwrite=overwrite)
         check_record_writable(adata, "evaluate", key, overwrite=overwrite)
+        for name in _companion_names(uncertainty, interval):
+            check_writable(adata, "layers", Layers.companion(key, name), overwrite=overwrite)
     if not single:
         check_record_writable(adata, _FUNCTION, prefix, overwrite=overwrite)
 
@@ -553,6 +774,9 @@ def cross_validate(
         device = kwargs.pop("device", "auto")
         checkpoint_dir = kwargs.pop("checkpoint_dir", None)
         for number, fold in enumerate(plan):
+            fold_train, held = fold.train, None
+            if calibration is not None:
+                fold_train, held = _calibration_split(adata, fold, calibration, int(seed) + number)
             fold_kwargs = dict(kwargs)
             if checkpoint_dir is not None:
                 fold_kwargs["checkpoint_dir"] = Path(checkpoint_dir) / name / fold.name
@@ -562,7 +786,7 @@ def cross_validate(
                     method_name=name,
                     fold=fold.name,
                     genes=fold.genes,
-                    train=fold.train,
+                    train=fold_train,
                     test=fold.test,
                     reference=fold.train if split == "spots" else None,
                     seed=int(seed) + number,
@@ -570,6 +794,10 @@ def cross_validate(
                     device=devices[0] if devices else device,
                     train_kwargs=fold_kwargs,
                     store_model=bool(store_models),
+                    calibration=held,
+                    uncertainty=uncertainty,
+                    interval=interval,
+                    n_samples=int(n_samples),
                 )
             )
     results = _run_tasks(adata, tasks, n_jobs=int(n_jobs), devices=devices, progress=progress)
@@ -593,6 +821,13 @@ def cross_validate(
             cols = np.asarray([position[g] for g in result["genes"]])
             block[np.ix_(task.test, cols)] = result["predictions"]
         write(adata, "layers", key, _aligned_layer(block, columns, adata.n_vars), overwrite=overwrite)
+        for companion in _companion_names(uncertainty, interval):
+            extra = np.full((adata.n_obs, len(union)), np.nan, dtype=np.float32)
+            for task, result in method_results:
+                cols = np.asarray([position[g] for g in result["genes"]])
+                extra[np.ix_(task.test, cols)] = result["spread"][companion]
+            layer_key = Layers.companion(key, companion)
+            write(adata, "layers", layer_key, _aligned_layer(extra, columns, adata.n_vars), overwrite=overwrite)
         flag = np.zeros(adata.n_vars, dtype=bool)
         flag[columns] = True
         write(adata, "var", Var.predicted(key), flag, overwrite=overwrite)
@@ -612,6 +847,8 @@ def cross_validate(
                 "weights": result["weights"],
                 "random_weights": bool(result["random_weights"]),
                 "weights_provenance": result["weights_provenance"],
+                "n_calibration_spots": result["calibration"]["n_spots"],
+                "calibration_libraries": result["calibration"]["libraries"],
             }
         record(
             adata,
@@ -632,6 +869,9 @@ def cross_validate(
                 "layer": layer if layer is not None else "None",
                 "seed": int(seed),
                 "n_jobs": int(n_jobs),
+                "uncertainty": uncertainty if uncertainty is not None else "None",
+                "interval": float(interval) if interval is not None else "None",
+                "calibration": str(calibration),
                 "devices": [str(d) for d in devices] if devices else "None",
                 "folds": fold_info,
                 # folds share a label unless their weights differ (e.g. a file changed between them)
@@ -668,6 +908,10 @@ def cross_validate(
                overwrite=overwrite)  # fmt: skip
         sthisto_uns(adata)[_FUNCTION][prefix]["table"] = combined
     return combined
+
+
+def _companion_names(uncertainty, interval) -> list[str]:
+    return (["std"] if uncertainty is not None else []) + (["lower", "upper"] if interval is not None else [])
 
 
 def _aligned_layer(block: np.ndarray, columns: np.ndarray, n_vars: int):

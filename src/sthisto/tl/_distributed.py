@@ -18,6 +18,7 @@ every rank returns the full result.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,15 +29,25 @@ ensure_torchvision()  # Lightning imports torchmetrics, which imports torchvisio
 import lightning.pytorch as pl  # noqa: E402
 
 from .._errors import InputError  # noqa: E402
+from .._validate import checked_input  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from os import PathLike
+
+    from anndata import AnnData
+
+    from ..models._base import ExpressionModel
 
 
+@checked_input(genes=True)
 def predict_distributed(
-    adata,
-    model,
+    adata: AnnData,
+    model: str | PathLike[str] | ExpressionModel,
     *,
     key_added: str | None = None,
     accelerator: str = "auto",
-    devices="auto",
+    devices: int | str | Sequence[int] = "auto",
     strategy: str = "ddp",
     num_nodes: int = 1,
     num_workers: int = 0,
@@ -44,7 +55,7 @@ def predict_distributed(
     progress_bar: bool = False,
     overwrite: bool = False,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Predict expression on many slides or one huge slide with several processes, GPUs or nodes.
 
     Parameters
@@ -90,6 +101,12 @@ def predict_distributed(
     if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
         raise InputError(f"num_workers={num_workers!r} must be an integer >= 0.")
     fitted, stored_key = _resolve_model(adata, model)
+    if fitted.members:
+        raise InputError(
+            f"this {fitted.name} model is an ensemble of {len(fitted.members) + 1} members, and predict_distributed "
+            f"runs one network. Use sthisto.tl.predict (which averages the members), or predict_distributed with "
+            f"one member: model.members = [] on a copy from sthisto.tl.get_model."
+        )
     request = _prediction_request(adata, fitted, stored_key, key_added=key_added, overwrite=overwrite)
     plan = fitted.prediction_plan(adata)
     if accelerator == "auto":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,11 @@ from .._anndata import check_record_writable, maybe_copy, record, sthisto_uns
 from .._constants import Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._validate import checked_input
 from ..encoders._provenance import with_weights_columns
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 _FUNCTION = "evaluate"
 _CROSS_VALIDATE = "cross_validate"
@@ -703,8 +707,9 @@ def _evaluated_genes(adata, predicted: str, genes) -> list[str]:
     return chosen
 
 
+@checked_input(genes=True)
 def evaluate(
-    adata,
+    adata: AnnData,
     *,
     predicted: str,
     observed: str | None = None,
@@ -720,7 +725,7 @@ def evaluate(
     seed: int = 0,
     copy: bool = False,
     overwrite: bool = False,
-):
+) -> pd.DataFrame | AnnData:
     """Score predicted against observed expression per section and overall, recording the protocol.
 
     Definitions of every metric are in the Notes below and stored with the numbers
@@ -903,6 +908,10 @@ def evaluate(
         observed_text = "X" if observed == "X" else f"layers[{observed!r}]"
         targets = ["as given"]
     predicted_values = _matrix(adata, predicted, rows, columns, what="predicted")
+    from ._uncertainty import SPREAD_DEFINITIONS, group_spread_metrics, spread_inputs
+
+    spread = spread_inputs(adata, predicted, rows, columns, chosen, function, entry, _matrix)
+    curves = []
 
     groups = np.full(adata.n_obs, "all", dtype=object) if by is None else adata.obs[by].astype(object).to_numpy()
     if pd.isna(groups).any():
@@ -944,6 +953,13 @@ def evaluate(
         if metrics["n_spots"] == 0:
             logger.info("evaluate: group %r has no predicted spots; it is skipped", group)
             continue
+        if spread:  # coverage, width, error-spread correlation, calibration curve
+            extra, extra_genes, curve = group_spread_metrics(
+                observed_values[in_group], predicted_values[in_group], spread.rows(in_group), chosen
+            )
+            metrics.update(extra)
+            per_gene = per_gene.merge(extra_genes, on="gene", how="left")
+            curves.append(curve.assign(group=str(group)))
         results.append((str(group), metrics, per_gene))
     if not results:
         raise InputError(f"layers[{predicted!r}] holds no prediction (all NaN) for any spot; nothing to evaluate.")
@@ -975,7 +991,7 @@ def evaluate(
             "n_genes": len(chosen),
             "protocol": protocol,
             "aggregation": AGGREGATION,
-            "definitions": METRIC_DEFINITIONS,
+            "definitions": {**METRIC_DEFINITIONS, **(SPREAD_DEFINITIONS if spread else {})},
             "clustering": {
                 "excluded_labels": UNDETERMINED + " (case-insensitive) and missing",
                 "preprocessing": "standardise genes (StandardScaler), PCA (svd_solver='full')",
@@ -997,6 +1013,10 @@ def evaluate(
     stored["table"] = table
     stored["per_gene"] = per_gene_table
     stored["gene_coverage"] = gene_coverage(results)
+    if curves:
+        curve = pd.concat(curves, ignore_index=True)
+        overall = curve.groupby(["level", "expected", "source"], as_index=False)["observed"].mean()
+        stored["calibration_curve"] = pd.concat([curve, overall.assign(group=OVERALL)], ignore_index=True)
     return adata if copy else table
 
 
@@ -1096,7 +1116,8 @@ def _protocol(function: str | None, entry: dict | None, groups: list[str]) -> di
     }
 
 
-def get_metrics(adata, key: str, *, per_gene: bool = False, function: str | None = None) -> pd.DataFrame:
+@checked_input
+def get_metrics(adata: AnnData, key: str, *, per_gene: bool = False, function: str | None = None) -> pd.DataFrame:
     """Read a stored metrics table back as a DataFrame.
 
     Parameters

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -42,7 +43,17 @@ from .._constants import Images, Obs, ScaleFactors, Uns, Var
 from .._errors import InputError, MissingKeyError, NoImageError
 from .._images import has_image, microns_per_pixel
 from .._logging import logger
+from .._sdata import accepts_spatialdata
+from .._validate import checked_input
 from ..pp._patches import library_ids, spot_coordinates
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from ..models._base import ExpressionModel
 
 FUNCTION = "superresolve"
 OFFSETS: dict[tuple[str, int], tuple[tuple[float, float], ...]] = {
@@ -64,20 +75,22 @@ DEFAULT_BATCH = 2000
 _SPACING_TOLERANCE = 0.1
 
 
+@accepts_spatialdata
+@checked_input(genes=True)
 def superresolve(
-    adata,
-    model,
+    adata: AnnData,
+    model: str | PathLike[str] | ExpressionModel,
     *,
     factor: int = 4,
     library_id: str | None = None,
     key_added: str | None = None,
     batch_size: int | None = None,
-    device="auto",
+    device: str = "auto",
     grid: str = "auto",
     include_original: bool = False,
     as_spatialdata: bool = False,
     overwrite: bool = False,
-):
+) -> AnnData | SpatialData:
     """Predict expression at new spots placed between the measured ones.
 
     Every measured spot is translated by the offsets of ``factor`` (see the table in

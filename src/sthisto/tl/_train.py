@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from .._anndata import check_writable, maybe_copy, record, sthisto_uns, write
-from .._constants import Obs, Uns, Var
+from .._constants import Layers, Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
+from .._sdata import accepts_spatialdata
+from .._validate import align_train_mask, check_finite_tensors, check_max_epochs, checked_input
 from ..pp._patches import library_ids
 
 TARGET_MEAN_KEY = "target_mean"
 """Key of ``model.trained_on`` holding each gene's training mean (model gene order)."""
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from anndata import AnnData
+    from numpy.typing import ArrayLike
+
+    from ..models._base import ExpressionModel
+
 SELECTED_GENES_KEY = "sthisto_selected"
 """Default ``var`` column written by :func:`sthisto.pp.select_genes`; ``train`` uses it when present."""
 
@@ -70,6 +81,11 @@ def _resolve_genes(adata, genes) -> list[str]:
             )
         chosen = var_names[adata.var[genes].to_numpy(dtype=bool)].tolist()
     else:
+        if not isinstance(genes, Iterable):
+            raise InputError(
+                f"genes={genes!r} is a {type(genes).__name__}; pass a list of gene names, the name of a boolean "
+                f"var column, or None for all (or the selected) genes."
+            )
         chosen = [str(g) for g in genes]
         missing = [g for g in chosen if g not in set(var_names)]
         if missing:
@@ -89,7 +105,7 @@ def _resolve_train_index(adata, train_mask) -> np.ndarray:
         return np.arange(adata.n_obs)
     if isinstance(train_mask, str):
         train_mask = [train_mask]
-    values = np.asarray(train_mask)
+    values = np.asarray(align_train_mask(adata, train_mask))
     if values.dtype == bool:
         if values.shape != (adata.n_obs,):
             raise InputError(f"train_mask has shape {values.shape}; a boolean mask needs shape ({adata.n_obs},).")
@@ -153,22 +169,24 @@ def _targets(adata, index, genes, *, layer, variant, need_counts):
     return targets, (counts if need_counts else None), sizes
 
 
+@accepts_spatialdata
+@checked_input(genes=True)
 def train(
-    adata,
-    method="thitogene",
+    adata: AnnData,
+    method: str | type[ExpressionModel] = "thitogene",
     *,
     genes: Sequence[str] | str | None = None,
     layer: str | None = None,
-    train_mask=None,
+    train_mask: ArrayLike | Sequence[str] | None = None,
     key_added: str | None = None,
     max_epochs: int | None = None,
-    device="auto",
+    device: str = "auto",
     seed: int = 0,
-    validation=None,
+    validation: float | Sequence[str] | None = None,
     early_stopping: int | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
-    devices=None,
+    devices: int | str | Sequence[int] | None = None,
     strategy: str = "auto",
     num_nodes: int = 1,
     precision: str | None = None,
@@ -176,8 +194,10 @@ def train(
     store: bool = True,
     overwrite: bool = False,
     recipe: str = "paper",
+    n_members: int = 1,
+    bootstrap: bool | None = None,
     **method_params: Any,
-):
+) -> ExpressionModel:
     """Train a method on the spots of ``adata`` and store the trained model in ``uns``.
 
     Parameters
@@ -237,6 +257,17 @@ def train(
         ``model.trained_on['recipe']`` and the ``recipe`` column of metrics tables; what each
         change is for is on the methods page ("Training recipes"). Closed-form methods (ridge)
         are unaffected.
+    n_members
+        Train a deep ensemble of this many models through the same training path; member
+        ``k`` (0-based) uses seed ``seed + 1000 * k``. The returned model is member 0 and
+        carries the others in ``model.members``; its predictions are the members' mean and
+        ``tl.predict(..., uncertainty="ensemble")`` adds their standard deviation. Stored,
+        saved and loaded as one model.
+    bootstrap
+        With ``n_members > 1``: members 1..K-1 train on the distinct sections of a bootstrap
+        draw of the training sections (of the spots, with one training section; seeded by
+        ``seed``) instead of all of them. ``None`` (default): bootstrap closed-form methods
+        (ridge, whose fit does not depend on a seed) and not networks.
     **method_params
         Network, data and training parameters of the method (e.g. ``lr``, ``patch_size_um``,
         ``depth``); unknown names raise an error listing the valid ones.
@@ -255,8 +286,13 @@ def train(
     >>> sthisto.tl.predict(adata, "thitogene_tiny")
     """
     from ..models._registry import resolve_method
+    from ._uncertainty import check_members
 
     cls, variant_params = resolve_method(method)
+    max_epochs = check_max_epochs(max_epochs)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed={seed!r} must be an integer (it seeds weights, data order and the validation split).")
+    n_members, bootstrap = check_members(n_members, bootstrap, cls)
     key_added = key_added or (method if isinstance(method, str) else cls.name)
     if store and not overwrite and key_added in adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {}):
         raise InputError(
@@ -270,6 +306,7 @@ def train(
     train_index = _resolve_train_index(adata, train_mask)
     params = {**variant_params, **method_params}
     cls.split_params(params)  # unknown parameter names fail here, before any work
+    requested_validation, requested_early_stopping = validation, early_stopping  # members decide their own
     from ..engine._recipes import check_recipe, default_patience, default_validation
 
     recipe = check_recipe(recipe)
@@ -279,6 +316,7 @@ def train(
         if early_stopping is None:
             epochs = max_epochs if max_epochs is not None else {**cls.all_training_defaults(), **params}["max_epochs"]
             early_stopping = default_patience(int(epochs))
+    _check_section_sizes(adata, cls, train_index)
     _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed)
     # Targets are validated before the model is configured: configuring may embed images
     # (feature-based methods), and a refused call must leave adata unchanged.
@@ -331,6 +369,35 @@ def train(
     # The gene-mean predictor (each gene's training mean at every spot) is the floor every
     # table is read against; tl.evaluate needs the mean the model saw, so it travels with it.
     model.trained_on[TARGET_MEAN_KEY] = training_mean(targets)
+    if n_members > 1:
+        _train_members(
+            adata,
+            model,
+            method,
+            n_members=n_members,
+            bootstrap=bootstrap,
+            train_index=train_index,
+            genes=chosen_genes,
+            layer=layer,
+            seed=seed,
+            checkpoint_dir=checkpoint_dir,
+            options={
+                "max_epochs": max_epochs,
+                "device": device,
+                "validation": requested_validation,
+                "early_stopping": requested_early_stopping,
+                "recipe": recipe,
+                "resume": resume,
+                "devices": devices,
+                "strategy": strategy,
+                "num_nodes": num_nodes,
+                "precision": precision,
+                "progress_bar": progress_bar,
+                **method_params,
+            },
+        )
+    if model.network is not None:  # a diverged run must not be stored as a trained model
+        check_finite_tensors(model.state_tensors(), where=f"the {model.name} model just trained")
     if store:
         store_model(adata, model, key_added=key_added, overwrite=overwrite)
     return model
@@ -340,6 +407,49 @@ def training_mean(targets) -> list[float]:
     """Each gene's mean over the training spots, as JSON-able floats (the gene-mean predictor)."""
     values = targets.mean(axis=0) if hasattr(targets, "toarray") else np.asarray(targets, dtype=np.float64).mean(0)
     return [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
+
+
+def _check_section_sizes(adata, cls, train_index: np.ndarray) -> None:
+    """Section-batched networks take statistics across a section's spots: one spot alone cannot train."""
+    if cls.network_class is None or cls.batching != "section":
+        return
+    libraries, counts = np.unique(library_ids(adata)[train_index], return_counts=True)
+    alone = libraries[counts < 2].tolist()
+    if alone:
+        raise InputError(
+            f"training sections {alone} have a single spot; {cls.name!r} trains on whole sections (attention "
+            f"and batch statistics across their spots), which needs at least 2. Drop those sections from "
+            f"train_mask or add their other spots."
+        )
+
+
+def _train_members(
+    adata, model, method, *, n_members, bootstrap, train_index, genes, layer, seed, checkpoint_dir, options
+):
+    """Members 1..K-1 of an ensemble, each trained by :func:`train` itself (one shared path)."""
+    from ._uncertainty import describe, member_masks
+
+    masks = member_masks(adata, train_index, n_members, bootstrap=bootstrap, seed=seed)
+    members = []
+    for number, member_index in enumerate(masks, start=1):
+        mask = np.zeros(adata.n_obs, dtype=bool)
+        mask[member_index] = True
+        logger.info("training ensemble member %d of %d", number + 1, n_members)
+        members.append(
+            train(
+                adata,
+                method,
+                genes=genes,
+                layer=layer,
+                train_mask=mask,
+                seed=seed + 1000 * number,
+                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"member{number}",
+                store=False,
+                **options,
+            )
+        )
+    model.members = members
+    model.trained_on["ensemble"] = describe([model, *members], bootstrap=bootstrap)
 
 
 def _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed) -> None:
@@ -370,10 +480,11 @@ def store_model(adata, model, *, key_added: str, overwrite: bool = False) -> Non
     if key_added in models and not overwrite:
         raise InputError(f"adata.uns['sthisto']['models'][{key_added!r}] already exists; pass overwrite=True.")
     models[key_added] = model.to_record()
-    logger.info("added adata.uns['sthisto']['models'][%r]", key_added)
+    logger.info("train: added uns['sthisto']['models'][%r]", key_added)
 
 
-def get_model(adata, key: str):
+@checked_input
+def get_model(adata: AnnData, key: str) -> ExpressionModel:
     """Rebuild the model stored under ``adata.uns['sthisto']['models'][key]``.
 
     Parameters
@@ -403,6 +514,7 @@ def _resolve_model(adata, model):
     from ..models._base import ExpressionModel
 
     if isinstance(model, ExpressionModel):
+        check_finite_tensors(model.state_tensors(), where=f"the {model.name} model passed")
         return model, None
     if isinstance(model, (str, Path)):
         models = adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {})
@@ -417,15 +529,21 @@ def _resolve_model(adata, model):
     raise InputError(f"model must be a stored key, a model object or a saved path; got {type(model).__name__}.")
 
 
+@accepts_spatialdata
+@checked_input(genes=True)
 def predict(
-    adata,
-    model,
+    adata: AnnData,
+    model: str | PathLike[str] | ExpressionModel,
     *,
     key_added: str | None = None,
-    device="auto",
+    device: str = "auto",
+    uncertainty: str | None = None,
+    interval: float | None = None,
+    n_samples: int = 20,
+    seed: int = 0,
     overwrite: bool = False,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Predict expression with a trained model, streaming each section in bounded pieces.
 
     Sections are never loaded whole: per-spot methods read patches one batch at a time;
@@ -446,10 +564,30 @@ def predict(
         Output name (default: the stored key, else the method name).
     device
         ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
+    uncertainty
+        Spread of each prediction, written to ``layers[f"{key_added}_std"]`` (prediction scale):
+        ``"ensemble"`` (standard deviation across the members of a model trained with
+        ``n_members=K``; the prediction is their mean), ``"dropout"`` (Monte-Carlo dropout:
+        ``n_samples`` seeded passes with dropout on; networks with dropout only), or
+        ``"distribution"`` (HGGEF's ZINB heads; also writes ``_count_mean``, ``_count_var``
+        and ``_dropout_prob`` on the count scale at size factor 1, and the delta-method
+        standard deviation on the prediction scale). ``None``: no spread (an ensemble still
+        predicts its members' mean).
+    interval
+        Coverage level of conformal intervals (e.g. ``0.9``), written to
+        ``layers[f"{key_added}_lower"]`` / ``[f"{key_added}_upper"]``. Needs a calibration
+        (:func:`sthisto.tl.calibrate`); with ``uncertainty`` and a calibration of that spread
+        the intervals are locally adaptive, else of constant width per gene.
+    n_samples
+        Monte-Carlo dropout passes.
+    seed
+        Seed of the Monte-Carlo dropout passes (pass ``t`` uses ``seed + t``): a seed repeats
+        exactly.
     overwrite
         Replace existing outputs with the same key.
     copy
-        Return a modified copy instead of writing in place.
+        Return a modified copy instead of writing in place; image features a feature-based
+        model computes also go to the copy only, so ``adata`` is left exactly as it was.
 
     Returns
     -------
@@ -459,10 +597,17 @@ def predict(
       log10(1 + counts per 10k)); a dense array when the model predicts every gene of
       ``var``, else a sparse CSR matrix holding only the predicted genes' columns;
     - ``adata.var[f"{key_added}_predicted"]``: True for the genes the model predicts;
+    - with ``uncertainty`` / ``interval``: ``layers[f"{key_added}_std"]``, ``_lower``,
+      ``_upper`` (and ``_count_mean``, ``_count_var``, ``_dropout_prob`` for
+      ``"distribution"``), aligned like ``layers[key_added]``; replacing a prediction with
+      ``overwrite=True`` removes such layers it does not write again;
     - ``adata.uns['sthisto']['predict'][key_added]``: method, model genes, provenance
-      (including ``streaming``: how sections were cut into units, and ``weights`` /
+      (including ``streaming``: how sections were cut into units; ``weights`` /
       ``random_weights`` / ``weights_provenance``: where the weights of the model's pretrained
-      components came from, see :func:`sthisto.encoders.weights_label`).
+      components came from, see :func:`sthisto.encoders.weights_label`; ``point``,
+      ``uncertainty`` and, with ``interval``, the calibration used: level, kind, calibration
+      sections and the stored quantiles, from which :func:`sthisto.tl.evaluate` draws the
+      calibration curve).
 
     Otherwise (image-only data, or none of the model's genes measured): a **new** AnnData with
     the spots of ``adata`` (``obs``, ``obsm``, ``uns['spatial']`` shared), ``var`` = the
@@ -471,12 +616,56 @@ def predict(
     ``adata.obsm`` (kept so that other models reuse them). For a SpatialData table + shapes
     pass the result to :func:`sthisto.io.to_spatialdata`.
     """
+    from ._calibrate import choose_calibration, decode_quantiles, interval_bounds
+    from ._uncertainty import check_mode, check_supported, predictive
+
     fitted, stored_key = _resolve_model(adata, model)
-    request = _prediction_request(adata, fitted, stored_key, key_added=key_added, overwrite=overwrite)
+    check_mode(uncertainty)
+    check_supported(fitted, uncertainty, n_samples=n_samples)
+    calibration_key, calibration = (None, None)
+    if interval is not None:
+        calibration_key, calibration = choose_calibration(fitted, uncertainty, interval)
+    companions = _companions(uncertainty, interval)
+    request = _prediction_request(
+        adata, fitted, stored_key, key_added=key_added, overwrite=overwrite, companions=companions
+    )
+    # With copy=True everything, including features a feature-based model computes, goes to the copy.
+    target = maybe_copy(adata, copy)
     fitted.prediction_summary = None
-    predictions = fitted.predict(adata, device=device)
+    output = predictive(fitted, target, uncertainty=uncertainty, n_samples=n_samples, seed=seed, device=device)
     request.provenance["streaming"] = json.dumps(getattr(fitted, "prediction_summary", None))
-    return _store_predictions(adata, fitted, request, predictions, overwrite=overwrite, copy=copy)
+    extra = {name: output[name] for name in companions if name in output}
+    request.provenance["point"] = f"mean of {len(fitted.members) + 1} ensemble members" if fitted.members else "model"
+    request.provenance["uncertainty"] = uncertainty if uncertainty is not None else "None"
+    if uncertainty == "dropout":
+        request.provenance.update(n_samples=int(n_samples), seed=int(seed))
+    if calibration is not None:
+        use_std = output.get("std") if calibration["conformal"] == "normalized" else None
+        extra["lower"], extra["upper"] = interval_bounds(calibration, output["mean"], use_std, float(interval))
+        request.provenance["interval"] = {
+            "level": float(interval),
+            "calibration": calibration_key,
+            "conformal": calibration["conformal"],
+            "calibration_libraries": list(calibration.get("libraries", [])),
+            "n_calibration_spots": int(calibration.get("n_spots", 0)),
+            "levels": np.asarray(calibration["levels"], dtype=np.float64),
+            "quantiles": decode_quantiles(calibration["quantiles"]),
+            "beta": np.asarray(calibration.get("beta") or [], dtype=np.float64),
+        }
+    result = _store_predictions(target, fitted, request, output["mean"], overwrite=overwrite, copy=False, extra=extra)
+    return target if copy and result is None else result
+
+
+def _companions(uncertainty, interval) -> list[str]:
+    """Uncertainty layers a :func:`predict` call writes (suffixes of ``Layers.companion``)."""
+    names = []
+    if uncertainty is not None:
+        names.append("std")
+    if uncertainty == "distribution":
+        names += ["count_mean", "count_var", "dropout_prob"]
+    if interval is not None:
+        names += ["lower", "upper"]
+    return names
 
 
 class _PredictionRequest:
@@ -501,7 +690,7 @@ def weights_fields(fitted) -> dict[str, Any]:
     }
 
 
-def _prediction_request(adata, fitted, stored_key, *, key_added, overwrite) -> _PredictionRequest:
+def _prediction_request(adata, fitted, stored_key, *, key_added, overwrite, companions=()) -> _PredictionRequest:
     key_added = key_added or stored_key or fitted.name
     var_names = pd.Index(adata.var_names.astype(str))
     measured = var_names.get_indexer(fitted.genes)
@@ -519,10 +708,14 @@ def _prediction_request(adata, fitted, stored_key, *, key_added, overwrite) -> _
     if aligned:
         check_writable(adata, "layers", key_added, overwrite=overwrite)
         check_writable(adata, "var", Var.predicted(key_added), overwrite=overwrite)
+        for name in companions:
+            check_writable(adata, "layers", Layers.companion(key_added, name), overwrite=overwrite)
     return _PredictionRequest(key_added, measured, aligned, provenance)
 
 
-def _store_predictions(adata, fitted, request: _PredictionRequest, predictions, *, overwrite: bool, copy: bool):
+def _store_predictions(
+    adata, fitted, request: _PredictionRequest, predictions, *, overwrite: bool, copy: bool, extra=None
+):
     import anndata as ad
     import scipy.sparse as sp
 
@@ -543,28 +736,41 @@ def _store_predictions(adata, fitted, request: _PredictionRequest, predictions, 
             uns={k: v for k, v in adata.uns.items() if k == Uns.SPATIAL},
         )
         result.layers[key_added] = predictions
+        for name, values in (extra or {}).items():
+            result.layers[Layers.companion(key_added, name)] = np.asarray(values, dtype=np.float32)
         result.var[Var.predicted(key_added)] = True
         record(result, "predict", key_added, provenance)
         return result
 
     adata = maybe_copy(adata, copy)
-    if len(fitted.genes) == adata.n_vars and (measured == np.arange(adata.n_vars)).all():
-        layer = predictions
-    else:
+    full = len(fitted.genes) == adata.n_vars and (measured == np.arange(adata.n_vars)).all()
+
+    def aligned(values):
+        if full:
+            return values
         order = np.argsort(measured)  # CSR wants each row's columns sorted
-        n_obs, n_genes = predictions.shape
-        layer = sp.csr_matrix(
+        n_obs, n_genes = values.shape
+        return sp.csr_matrix(
             (
-                predictions[:, order].ravel(),
+                np.asarray(values, dtype=np.float32)[:, order].ravel(),
                 np.tile(measured[order], n_obs),
                 np.arange(0, n_obs * n_genes + 1, n_genes),
             ),
             shape=(adata.n_obs, adata.n_vars),
             dtype=np.float32,
         )
+
     flag = np.zeros(adata.n_vars, dtype=bool)
     flag[measured] = True
-    write(adata, "layers", key_added, layer, overwrite=overwrite)
+    write(adata, "layers", key_added, aligned(predictions), overwrite=overwrite)
+    for name, values in (extra or {}).items():
+        write(adata, "layers", Layers.companion(key_added, name), aligned(values), overwrite=overwrite)
+    for name in Layers.COMPANIONS:
+        stale = Layers.companion(key_added, name)
+        if overwrite and name not in (extra or {}) and stale in adata.layers:
+            # Spread or intervals of an earlier prediction would no longer belong to layers[key_added].
+            del adata.layers[stale]
+            logger.info("removed adata.layers[%r] of the replaced prediction", stale)
     write(adata, "var", Var.predicted(key_added), flag, overwrite=overwrite)
     record(adata, "predict", key_added, provenance, overwrite=True)
     return adata if copy else None

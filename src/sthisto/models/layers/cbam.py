@@ -51,7 +51,8 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, *, kernel_size: int = 7) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        # With a bias, as the HGGEF authors' CBAM (its parameter count includes it).
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate ``(batch, channels, H, W)`` position-wise."""

@@ -37,7 +37,7 @@ class CentralDifferenceConv2d(nn.Module):
     theta
         Weight θ of the difference term; 0 gives a plain convolution.
     kernel
-        ``"full"``: all nine taps are learned (the paper's definition over the 3 × 3
+        ``"full"``: all nine taps are learned (CDCN's definition over the 3 × 3
         neighbourhood). ``"cross"``: only the five plus-shaped taps (centre and its four direct
         neighbours) are learned and the corners are zero, as in the HGGEF authors' code.
     bias
@@ -56,7 +56,7 @@ class CentralDifferenceConv2d(nn.Module):
     ) -> None:
         super().__init__()
         if kernel not in ("full", "cross"):
-            raise InputError(f"kernel={kernel!r}; use 'full' (3 × 3, paper) or 'cross' (plus-shaped, reference).")
+            raise InputError(f"kernel={kernel!r}; use 'full' (3 × 3, CDCN) or 'cross' (plus-shaped, the HGGEF code's).")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride

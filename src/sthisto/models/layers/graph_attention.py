@@ -6,11 +6,15 @@ For a directed graph with edges ``j → i`` (``edge_index[0] = j`` the neighbour
 * ``e[i, j] = LeakyReLU(a_hᵀ [W_h x_i ‖ W_h x_j])`` — the first half of ``a_h`` (``att_dst``)
   scores the target, the second (``att_src``) the neighbour;
 * ``α[i, j] = softmax_j e[i, j]`` over the incoming edges of ``i`` only (masked softmax);
-* ``out[i, h] = Σ_j α[i, j] W_h x_j``, heads concatenated (or averaged, ``concat=False``).
+* ``m[i, h] = Σ_j α[i, j] W_h x_j``, the neighbour aggregate;
+* ``out[i, h] = m[i, h]`` (Veličković et al.; the THItoGene authors' code), or, with
+  ``self_term=True`` (THItoGene's eq. 16), ``out[i, h] = ω_h [W_h x_i ‖ m[i, h]] + β_h``: the
+  spot's own projected feature concatenated with the aggregate, through a weight and a bias;
+* heads concatenated (or averaged, ``concat=False``).
 
 Dropout acts on the input features and on the attention coefficients. No self-loops are
 added: a node attends to its graph neighbours only, and a node without incoming edges gets a
-zero message.
+zero aggregate (with the self term, its output still carries its own feature).
 
 Cost is linear in the number of edges. Nothing ``N × N`` is formed, and neither is an
 ``edges × heads × width`` tensor: neighbour aggregation is one sparse (CSR) matrix product
@@ -174,12 +178,18 @@ class GraphAttention(nn.Module):
         LeakyReLU slope in the attention scores.
     dropout
         Dropout on the input features and on the attention coefficients.
+    self_term
+        Combine each node's own projected feature with its neighbour aggregate (THItoGene's
+        eq. 16, see the module docstring) instead of returning the aggregate alone.
 
     Notes
     -----
     Parameters: ``lin.weight`` ``(heads · out_dim, in_dim)`` (the per-head ``W_h``, no bias),
-    ``att_dst`` and ``att_src`` ``(heads, out_dim)`` (the two halves of each ``a_h``); Glorot
-    initialisation. The layer applies no non-linearity; the caller applies its activation.
+    ``att_dst`` and ``att_src`` ``(heads, out_dim)`` (the two halves of each ``a_h``); with
+    ``self_term``, ``self_weight`` ``(heads, out_dim, 2 · out_dim)`` (each ``ω_h``; its first
+    ``out_dim`` columns act on the own feature) and ``self_bias`` ``(heads, out_dim)``. Glorot
+    initialisation, zero bias. The layer applies no non-linearity; the caller applies its
+    activation.
     """
 
     def __init__(
@@ -191,6 +201,7 @@ class GraphAttention(nn.Module):
         concat: bool = True,
         negative_slope: float = 0.2,
         dropout: float = 0.0,
+        self_term: bool = False,
     ) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.heads = in_dim, out_dim, heads
@@ -200,6 +211,10 @@ class GraphAttention(nn.Module):
         self.lin = nn.Linear(in_dim, heads * out_dim, bias=False)
         self.att_dst = nn.Parameter(torch.empty(heads, out_dim))
         self.att_src = nn.Parameter(torch.empty(heads, out_dim))
+        self.self_term = bool(self_term)
+        if self.self_term:
+            self.self_weight = nn.Parameter(torch.empty(heads, out_dim, 2 * out_dim))
+            self.self_bias = nn.Parameter(torch.empty(heads, out_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -208,6 +223,10 @@ class GraphAttention(nn.Module):
         bound = math.sqrt(6.0 / (2 * self.out_dim + 1))  # each a_h maps 2·out_dim values to one score
         nn.init.uniform_(self.att_dst, -bound, bound)
         nn.init.uniform_(self.att_src, -bound, bound)
+        if self.self_term:
+            bound = math.sqrt(6.0 / (3 * self.out_dim))  # each ω_h maps 2·out_dim values to out_dim
+            nn.init.uniform_(self.self_weight, -bound, bound)
+            nn.init.zeros_(self.self_bias)
 
     def forward(
         self, x: torch.Tensor, edge_index: torch.Tensor | EdgeGraph, *, return_attention: bool = False
@@ -237,5 +256,9 @@ class GraphAttention(nn.Module):
         scores = F.leaky_relu(score_dst[graph.dst] + score_src[graph.src], self.negative_slope)
         alpha = segment_softmax(scores, graph.dst, num_nodes)
         out = _EdgeAggregate.apply(dropout(alpha, self.dropout, self.training), projected, graph)
+        if self.self_term:
+            own, neighbours = self.self_weight[..., : self.out_dim], self.self_weight[..., self.out_dim :]
+            out = torch.einsum("nhc,hoc->nho", projected, own) + torch.einsum("nhc,hoc->nho", out, neighbours)
+            out = out + self.self_bias
         out = out.reshape(num_nodes, self.heads * self.out_dim) if self.concat else out.mean(dim=1)
         return (out, alpha) if return_attention else out

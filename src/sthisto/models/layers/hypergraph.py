@@ -1,26 +1,33 @@
 """HGGEF's hypergraph association module: hyperedges from feature + position proximity.
 
-Every spot ``i`` defines one hyperedge: ``i`` itself plus ``k`` other spots chosen by the
-incidence score ``s(i, j) = Norm(‖f_i − f_j‖) + Norm(‖p_i − p_j‖)`` (features ``f``, grid
-positions ``p``; ``Norm`` divides by the largest distance of the section, i.e. min–max
-normalisation, the minimum being the zero self-distance). Two hypergraph convolutions
+In the paper, every spot ``i`` defines one hyperedge: ``i`` itself plus ``k`` other spots
+chosen by the incidence score ``s(i, j) = Norm(‖f_i − f_j‖) + Norm(‖p_i − p_j‖)`` (features
+``f``, grid positions ``p``; ``Norm`` divides by the largest distance of the section, i.e.
+min–max normalisation, the minimum being the zero self-distance). Two hypergraph convolutions
 (torch-geometric's :class:`~torch_geometric.nn.HypergraphConv`) with a residual connection
 then mix each spot's features with those of the spots sharing its hyperedges.
 
-Two selection rules:
+Two construction rules:
 
 ``"nearest"`` (the paper)
-    the ``k`` spots with the *smallest* score among all spots of the section.
+    hyperedge ``i`` = ``i`` plus the ``k`` spots with the *smallest* score ``s(i, ·)`` among
+    all spots of the section; unit hyperedge weights.
 ``"reference"`` (the authors' code)
-    the ``k`` spots with the *largest* score among the spot's neighbours in the spatial graph
-    (``edge_index``), i.e. its most dissimilar spatial neighbours; and the scores of the chosen
-    (spot, member) pairs, one per pair, are handed to the convolution as hyperedge weights,
-    where one weight per hyperedge is expected, so hyperedge ``j`` is weighted by the ``j``-th
-    pair's score.
+    a different score and a different incidence. Each spot ``i`` scores every spot ``j`` of
+    the section with ``r(i, j) = A[i, j] / Σ_l A[i, l] + d(i, j) / Σ_l d(i, l)``, where ``A`` is
+    the binary adjacency of the spatial graph (``A[i, j] = 1`` when ``j`` is a neighbour of
+    ``i``) and ``d`` the Euclidean feature distance, each term divided by its row sum (a term
+    whose row sum is 0 counts as 0; the code would give NaN). ``top(i)`` are the ``k + 1``
+    spots with the *largest* ``r(i, ·)`` (ties: lower index first), in decreasing order. Spot
+    ``i`` then joins hyperedge ``j`` for every ``j`` in ``top(i)``, so hyperedge ``j`` =
+    ``{i : j ∈ top(i)}`` (possibly empty, possibly without ``j``). Positions do not enter.
+    The ``N · (k + 1)`` chosen scores, in spot-then-rank order, are handed to the
+    convolution as hyperedge weights, where one weight per hyperedge is expected, so
+    hyperedge ``j`` is weighted by the ``j``-th chosen score.
 
-Construction is tensor-only (no Python loop over spots): the score matrix is built in row
-chunks of bounded size and reduced with ``topk`` chunk by chunk, so memory stays bounded
-for Visium-size sections.
+Construction is tensor-only (no Python loop over spots): score matrices are built in row
+chunks of bounded size and reduced chunk by chunk, so memory stays bounded for Visium-size
+sections.
 """
 
 from __future__ import annotations
@@ -140,24 +147,27 @@ def build_hyperedges(
     positions
         Grid positions ``(N, 2)``, columns (x, y).
     k
-        Members chosen besides the spot itself (HGGEF: 3). Fewer when fewer candidates exist.
+        HGGEF's K (3): ``"nearest"`` adds ``k`` spots to each spot's own hyperedge;
+        ``"reference"`` lets each spot join ``k + 1`` hyperedges. Fewer when the section has
+        fewer spots.
     rule
         ``"nearest"`` (paper) or ``"reference"`` (authors' code); see the module docstring.
     edge_index
-        Directed spatial graph ``(2, E)``, row 0 = neighbour, row 1 = spot; needed by
-        ``"reference"``, ignored by ``"nearest"``.
+        Directed spatial graph ``(2, E)``, row 0 = neighbour, row 1 = spot (so
+        ``A[spot, neighbour] = 1``); needed by ``"reference"``, ignored by ``"nearest"``.
     max_entries
         Bound on the score-matrix entries held at once.
 
     Returns
     -------
     hyperedge_index
-        ``(2, M)`` incidence pairs: row 0 = spot, row 1 = hyperedge (= the index of the spot
-        that defines it). Each hyperedge lists its defining spot first.
+        ``(2, M)`` incidence pairs: row 0 = spot, row 1 = hyperedge. ``"nearest"``: hyperedge
+        ``i`` is defined by spot ``i`` and lists it first. ``"reference"``: pairs
+        ``(i, j)`` for ``j`` in ``top(i)``, by spot, then by decreasing score.
     hyperedge_weight
-        ``None`` for ``"nearest"`` (unit weights); for ``"reference"`` the chosen pairs'
-        scores in incidence order (one per pair, not per hyperedge — the authors' quirk),
-        padded with ones to at least ``N`` entries.
+        ``None`` for ``"nearest"`` (unit weights); for ``"reference"`` the ``N · (k + 1)``
+        chosen scores in the order of the pairs (one per pair, not per hyperedge — the
+        authors' quirk; the convolution reads the first ``N``).
     """
     if rule not in ("nearest", "reference"):
         raise InputError(f"rule={rule!r}; use 'nearest' (paper) or 'reference' (authors' code).")
@@ -181,7 +191,7 @@ def build_hyperedges(
 
     if edge_index is None:
         raise InputError(
-            "the 'reference' hypergraph rule chooses members among graph neighbours and needs edge_index "
+            "the 'reference' hypergraph rule scores spots by their spatial-graph adjacency and needs edge_index "
             "(2, E); pass the section's spatial graph (HGGEF: 8 nearest neighbours within 2 array units)."
         )
     edge_index = edge_index.to(device)
@@ -189,28 +199,34 @@ def build_hyperedges(
         raise InputError(f"edge_index must be (2, E); got {tuple(edge_index.shape)}.")
     if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= n):
         raise InputError(f"edge_index refers to spots outside [0, {n - 1}]; build it on this section's spots.")
-    # Duplicate edges and self-loops would put a spot twice into a hyperedge.
+    members, scores = _reference_members(features, edge_index, min(int(k) + 1, n), max_entries)
+    width = members.shape[1]
+    nodes = spots.repeat_interleave(width)
+    return torch.stack((nodes, members.reshape(-1))), scores.reshape(-1)
+
+
+def _reference_members(features, edge_index, width, max_entries):
+    """The authors' ``top(i)`` (``width`` spots per row, decreasing score) and their scores."""
+    n = features.shape[0]
+    # The code's adjacency is a 0/1 matrix: repeated edges count once.
     pairs = torch.unique(edge_index[1] * n + edge_index[0])
     spot, neighbour = pairs // n, pairs % n
-    keep = neighbour != spot
-    neighbour, spot = neighbour[keep], spot[keep]
-    scores = incidence_scores(features, positions, spot, neighbour, max_entries=max_entries)
-    # Rank each spot's neighbours by decreasing score: sort by score, then stably by spot.
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(spot[order], stable=True)]
-    sorted_spot = spot[order]
-    group_start = torch.searchsorted(sorted_spot, sorted_spot, right=False)
-    rank = torch.arange(sorted_spot.numel(), device=device) - group_start
-    chosen = order[rank < k]
-    nodes = torch.cat((spots, neighbour[chosen]))
-    hyperedges = torch.cat((spots, spot[chosen]))
-    # Incidence order: by hyperedge, its defining spot first, members by decreasing score.
-    within = torch.cat((torch.zeros(n, dtype=torch.long, device=device), rank[rank < k] + 1))
-    order = torch.argsort(hyperedges * (int(k) + 1) + within, stable=True)
-    pair_weights = scores[chosen]
-    if pair_weights.numel() < n:
-        pair_weights = torch.cat((pair_weights, pair_weights.new_ones(n - pair_weights.numel())))
-    return torch.stack((nodes[order], hyperedges[order])), pair_weights
+    degree = torch.bincount(spot, minlength=n).to(features.dtype)
+    squared_norms = features.square().sum(-1)
+    members, chosen = [], []
+    for start, stop in _row_chunks(n, n, max_entries):
+        distance = _feature_distances(features[start:stop], features, squared_norms, start)
+        distance[torch.arange(stop - start), torch.arange(start, stop)] = 0.0  # exact zero self-distance
+        total = distance.sum(dim=1, keepdim=True)
+        scores = torch.where(total > 0, distance / total.clamp_min(torch.finfo(distance.dtype).tiny), 0.0)
+        inside = (spot >= start) & (spot < stop)
+        rows, cols = spot[inside], neighbour[inside]
+        scores[rows - start, cols] += 1.0 / degree[rows]
+        # A stable descending sort breaks ties towards the lower index, reproducibly.
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :width]
+        members.append(order)
+        chosen.append(scores.gather(1, order))
+    return torch.cat(members), torch.cat(chosen)
 
 
 class HypergraphAssociation(nn.Module):
@@ -223,9 +239,9 @@ class HypergraphAssociation(nn.Module):
     hidden
         Width between the two convolutions (HGGEF: 512).
     k
-        Members per hyperedge besides the defining spot (HGGEF: 3).
+        HGGEF's K (3), see :func:`build_hyperedges`.
     rule
-        Member selection, ``"nearest"`` (paper) or ``"reference"`` (authors' code).
+        Hyperedge construction, ``"nearest"`` (paper) or ``"reference"`` (authors' code).
     dropout
         Dropout between the convolutions (HGGEF: 0.5); active in training mode only.
     max_entries

@@ -4,21 +4,13 @@ The layout (per block: LayerNorm → multi-head attention with ``heads × dim_he
 and bias-free q/k/v projection → residual; LayerNorm → Linear → GELU → Linear → residual)
 is the one THItoGene, HGGEF and HisToSGE describe.
 
-Attention never keeps an ``N × N`` matrix per head, so memory grows linearly with the number
-of spots:
+Dropout follows the papers' and authors' transformers: after the attention's output projection
+and inside the MLP, never on the attention weights. Attention therefore always runs through
+:func:`torch.nn.functional.scaled_dot_product_attention` without dropout, whose fused kernels
+never keep an ``N × N`` matrix per head (without a padding mask, also on the CPU), so memory
+grows linearly with the number of spots.
 
-* without attention dropout (evaluation, or ``dropout=0``) and on GPUs, it runs through
-  :func:`torch.nn.functional.scaled_dot_product_attention`, whose fused kernels support
-  dropout on CUDA;
-* on the CPU with attention dropout in training, PyTorch's fused CPU kernel refuses dropout and
-  falls back to the unfused "math" path, which stores softmax, dropout mask and dropped
-  weights (``3 × heads × N²`` values per layer: 4.7 GB per layer at 5,000 spots, 16 heads).
-  There :class:`_BlockwiseDropoutAttention` takes over: query blocks of bounded size, an exact
-  (max-shifted) softmax, a Bernoulli keep-mask drawn from a per-block seed, and a backward
-  pass that recomputes scores and regenerates the same masks from the seeds, keeping only
-  ``q, k, v``, the output and one log-sum-exp per query.
-
-Dropout on the CPU (attention weights and :class:`Dropout` layers) draws its keep-masks with
+Dropout on the CPU (:class:`Dropout` layers) draws its keep-masks with
 :func:`keep_mask`: four 16-bit uniform lanes per 64-bit random word compared with a threshold,
 about 8× faster than ``bernoulli_`` on the CPU. The keep probability is thereby rounded to a
 multiple of 2⁻¹⁶ (0.8 → 0.800003) and kept values are scaled by the inverse of the rounded
@@ -35,21 +27,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
-
-# Values per (heads × query-block × keys) score block of the CPU dropout attention (16 MB in
-# float32); a few such blocks are alive at once, whatever the number of tokens.
-_ATTENTION_BLOCK_ELEMENTS = 1 << 22
-
-
-def _query_blocks(batch: int, heads: int, tokens: int):
-    """(block id, batch index, query slice) covering all queries, in a fixed order."""
-    step = max(1, min(tokens, _ATTENTION_BLOCK_ELEMENTS // max(1, heads * tokens)))
-    block = 0
-    for b in range(batch):
-        for begin in range(0, tokens, step):
-            yield block, b, slice(begin, min(begin + step, tokens))
-            block += 1
-
 
 _LANES = 1 << 16
 
@@ -120,84 +97,6 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def _block_keep_mask(shape, keep: float, seed: int, block: int, dtype: torch.dtype) -> torch.Tensor:
-    """0/1 float keep-mask of one attention block, reproducible from ``(seed, block)``."""
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed((seed + block) % (1 << 63))
-    return keep_mask(shape, keep, generator=generator).to(dtype)
-
-
-def _block_scores(q_block, k, bias, scale) -> torch.Tensor:
-    scores = torch.matmul(q_block * scale, k.transpose(-1, -2))  # (heads, block, tokens)
-    if bias is not None:
-        scores += bias
-    return scores
-
-
-class _BlockwiseDropoutAttention(torch.autograd.Function):
-    """Softmax attention with dropout on the weights, in query blocks, recomputed in backward.
-
-    ``q, k, v``: ``(batch, heads, tokens, dim_head)``; ``key_mask``: bool ``(batch, tokens)``
-    (True = attend) or None. A query whose keys are all masked gets a zero output.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_mask, dropout_p: float):
-        batch, heads, tokens, dim_head = q.shape
-        scale = dim_head**-0.5
-        keep = quantised_keep(1.0 - dropout_p)
-        # Drawn from the global generator: torch.manual_seed reproduces the masks, and
-        # activation checkpointing (which restores the RNG state) recomputes the same ones.
-        seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
-        bias = None if key_mask is None else _mask_bias(key_mask, q.dtype)
-        out = torch.empty(batch, heads, tokens, dim_head, dtype=q.dtype)
-        lse = torch.empty(batch, heads, tokens, dtype=q.dtype)
-        for block, b, rows in _query_blocks(batch, heads, tokens):
-            weights = _block_scores(q[b, :, rows], k[b], None if bias is None else bias[b], scale)
-            peak = weights.amax(dim=-1, keepdim=True)
-            peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-            weights.sub_(peak).exp_()
-            total = weights.sum(dim=-1, keepdim=True)
-            # log(0) = -inf for fully masked queries; +inf makes their recomputed weights 0.
-            lse[b, :, rows] = torch.where(total > 0, peak + total.log(), math.inf).squeeze(-1)
-            weights.div_(total.clamp_min(torch.finfo(q.dtype).tiny))
-            weights.mul_(_block_keep_mask(weights.shape, keep, seed, block, q.dtype))
-            out[b, :, rows] = torch.matmul(weights, v[b])
-        out.mul_(1.0 / keep)
-        ctx.save_for_backward(q, k, v, out, lse, key_mask if key_mask is not None else torch.empty(0))
-        ctx.has_mask = key_mask is not None
-        ctx.seed, ctx.keep, ctx.scale = seed, keep, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, key_mask = ctx.saved_tensors
-        batch, heads, tokens, _ = q.shape
-        keep, scale, seed = ctx.keep, ctx.scale, ctx.seed
-        bias = _mask_bias(key_mask, q.dtype) if ctx.has_mask else None
-        delta = (grad_out * out).sum(dim=-1)  # rowsum(dO ∘ O) = Σ_j P_ij dP_ij, dropout included
-        grad_kept = grad_out * (1.0 / keep)
-        grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
-        grad_k = torch.zeros_like(k, memory_format=torch.contiguous_format)
-        grad_v = torch.zeros_like(v, memory_format=torch.contiguous_format)
-        for block, b, rows in _query_blocks(batch, heads, tokens):
-            probs = _block_scores(q[b, :, rows], k[b], None if bias is None else bias[b], scale)
-            probs.sub_(lse[b, :, rows, None]).exp_()
-            kept = _block_keep_mask(probs.shape, keep, seed, block, q.dtype)
-            grad_v[b].baddbmm_((probs * kept).transpose(-1, -2), grad_kept[b, :, rows])
-            grad_scores = torch.matmul(grad_kept[b, :, rows], v[b].transpose(-1, -2)).mul_(kept)
-            grad_scores.sub_(delta[b, :, rows, None]).mul_(probs)
-            grad_q[b, :, rows] = torch.matmul(grad_scores, k[b]).mul_(scale)
-            grad_k[b].baddbmm_(grad_scores.transpose(-1, -2), q[b, :, rows], alpha=scale)
-        return grad_q, grad_k, grad_v, None, None
-
-
-def _mask_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(batch, tokens)`` bool → additive ``(batch, 1, 1, tokens)`` bias (0 or -inf)."""
-    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
-    return bias.masked_fill_(~key_mask, -math.inf)[:, None, None, :]
-
-
 class MultiHeadSelfAttention(nn.Module):
     """Multi-head self-attention whose inner width ``heads × dim_head`` may differ from ``dim``.
 
@@ -208,7 +107,8 @@ class MultiHeadSelfAttention(nn.Module):
     heads, dim_head
         Number of heads and width of each.
     dropout
-        Dropout on the attention weights and on the output projection.
+        Dropout after the output projection. The attention weights are never dropped: neither
+        the papers (THItoGene, HGGEF) nor their authors' code do it.
     """
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, dropout: float = 0.0) -> None:
@@ -218,7 +118,6 @@ class MultiHeadSelfAttention(nn.Module):
         inner = heads * dim_head
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_out = nn.Linear(inner, dim)
-        self.attn_dropout = dropout
         self.out_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,12 +132,8 @@ class MultiHeadSelfAttention(nn.Module):
         """
         batch, tokens, _ = x.shape
         q, k, v = self.to_qkv(x).view(batch, tokens, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if dropout_p > 0.0 and x.device.type == "cpu" and _fast_dropout_applies(dropout_p):
-            out = _BlockwiseDropoutAttention.apply(q, k, v, mask, dropout_p)
-        else:
-            attn_mask = None if mask is None else mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
         return self.out_dropout(self.to_out(out))
 
@@ -287,7 +182,7 @@ class Transformer(nn.Module):
     mlp_dim
         Hidden width of the MLP.
     dropout
-        Dropout in attention and MLP.
+        Dropout after the attention output projection and in the MLP (not on attention weights).
     checkpointing
         Recompute each block in the backward pass instead of storing its activations
         (trades ~30% more compute for activation memory independent of depth).
