@@ -9,7 +9,15 @@ Two cohorts, one protocol each:
   sections (its image-dependent genes ``SYN_DEP_*`` are learnable, ``SYN_IND_*`` are not; the
   table reports both groups so a method that "predicts" noise shows up).
 
-Each (cohort, method) runs ``sthisto.tl.cross_validate`` in a fresh process, so the peak
+Every network runs under each requested training recipe (``--recipes``, default ``paper`` and
+``small_data``; see ``tl.train(recipe=...)``) on identical folds; the closed-form baselines
+(``ridge``, ``ridge_context``) run once. Each row also gives the gene-mean predictor's per-spot
+PCC on the same folds (``gene_mean_pcc_spot``: each gene's training mean at every spot, the
+floor per-spot PCC is read against), the genes the method predicts as a constant
+(``genes_constant``, gene x fold pairs) and the epochs actually run (mean over folds; early
+stopping shortens ``small_data`` runs).
+
+Each (cohort, method, recipe) runs ``sthisto.tl.cross_validate`` in a fresh process, so the peak
 resident memory (``ru_maxrss`` of that process) and the wall time belong to that method alone.
 Written to ``--out``: ``benchmark_table.csv`` (tidy) and ``benchmark_table.md`` (one row per
 cohort × method: weight provenance (``weights``: ``random``, ``file:<sha256[:12]>``,
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import multiprocessing
 import os
 import resource
@@ -45,6 +54,7 @@ HER2ST_SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 # CPU settings: epochs chosen so each method trains in minutes on 2 cores.
 CPU_METHODS = {
     "ridge": {},
+    "ridge_context": {},
     "histosge_tiny": {"max_epochs": 60},
     "histospace_tiny": {"max_epochs": 20},
     "thitogene_tiny": {"max_epochs": 40, "lr": 1e-3},
@@ -53,6 +63,7 @@ CPU_METHODS = {
 # The papers' networks and schedules (GPU).
 FULL_METHODS = {
     "ridge": {},
+    "ridge_context": {},
     "histosge": {},
     "histospace": {},
     "thitogene": {},
@@ -80,7 +91,7 @@ def load_cohort(name: str):
     raise SystemExit(f"unknown cohort {name!r}; use her2st or synthetic")
 
 
-def run_one(cohort: str, method: str, params: dict, device: str, threads: int) -> dict:
+def run_one(cohort: str, method: str, params: dict, device: str, threads: int, recipe: str = "paper") -> dict:
     """Cross-validate one method on one cohort in this (fresh) process; return its numbers."""
     import torch
 
@@ -100,10 +111,15 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int) -
         progress=False,
         device=device,
         key_added="bench",
+        recipe=recipe,
     )
     seconds = time.perf_counter() - start
-    overall = table[table["scope"] == "overall"].set_index("metric")["value"]
-    row = {metric: float(overall.get(metric, float("nan"))) for metric in HEADLINE}
+    overall = table[table["scope"] == "overall"].set_index("metric")
+    row = {metric: float(overall["value"].get(metric, float("nan"))) for metric in HEADLINE}
+    row["gene_mean_pcc_spot"] = float(overall["gene_mean"].get("pearson_spot_mean", float("nan")))
+    row["genes_constant"] = int(overall["value"].get("n_genes_constant_predicted", 0))
+    folds = adata.uns["sthisto"]["cross_validate"]["bench"]["folds"]
+    ran = [len(json.loads(info["history"]).get("epoch", [])) for info in folds.values()]
     if cohort == "synthetic":  # learnable vs unlearnable genes, from the pooled per-gene table
         per_gene = sthisto.tl.get_metrics(adata, "bench", per_gene=True)  # one method: its key is key_added
         for prefix, label in (("SYN_DEP", "pcc_image_genes"), ("SYN_IND", "pcc_noise_genes")):
@@ -115,6 +131,8 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int) -
         cohort=cohort,
         protocol=split,
         method=method,
+        recipe="closed form" if method.startswith("ridge") else recipe,
+        epochs_run=round(sum(ran) / len(ran), 1) if ran and not method.startswith("ridge") else "",
         weights=str(table["weights"].iloc[0]),
         random_weights=bool(table["random_weights"].any()),
         n_spots=int(adata.n_obs),
@@ -150,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path("benchmark_results"))
+    parser.add_argument(
+        "--recipes", nargs="+", default=["paper", "small_data"], help="training recipes of the networks"
+    )
     args = parser.parse_args(argv)
 
     settings = FULL_METHODS if args.full else CPU_METHODS
@@ -158,24 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     context = multiprocessing.get_context("spawn")
     for cohort in args.cohorts:
-        for method in methods:
+        runs = [(m, r) for m in methods for r in (["paper"] if m.startswith("ridge") else args.recipes)]
+        for method, recipe in runs:
             params = dict(settings.get(method, {}))
             if args.epochs is not None and not method.startswith("ridge"):
                 params["max_epochs"] = args.epochs
-            print(f"{cohort} / {method} {params} ...", flush=True)
+            print(f"{cohort} / {method} / {recipe} {params} ...", flush=True)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-                row = pool.submit(run_one, cohort, method, params, args.device, args.threads).result()
+                row = pool.submit(run_one, cohort, method, params, args.device, args.threads, recipe).result()
             if row.get("skipped"):
                 break
             rows.append(row)
             print("   ", {k: row[k] for k in ("pearson_gene_mean", "pearson_spot_mean", "seconds", "peak_rss_gb")})
             frame = pd.DataFrame(rows)
-            first = ["cohort", "protocol", "method", "weights", "random_weights", "epochs"]
+            first = ["cohort", "protocol", "method", "recipe", "weights", "random_weights", "epochs", "epochs_run"]
             frame = frame[first + [c for c in frame.columns if c not in first]]
             frame.to_csv(args.out / "benchmark_table.csv", index=False)  # written as we go: partial runs count
             (args.out / "benchmark_table.md").write_text(markdown(frame))
     if rows:
-        shown = ["cohort", "method", "weights", "epochs", *HEADLINE, "seconds", "peak_rss_gb"]
+        shown = ["cohort", "method", "recipe", "weights", "epochs", "epochs_run", *HEADLINE, "gene_mean_pcc_spot"]
+        shown += ["genes_constant", "seconds", "peak_rss_gb"]
         print(markdown(pd.DataFrame(rows)[shown]))
     return 0
 

@@ -172,8 +172,11 @@ def test_clustering_is_seeded():
 def test_evaluate_per_section_and_overall():
     adata = _adata()
     table = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed")
-    columns = ["predicted", "weights", "random_weights", "group", "scope", "metric", "value", "genes"]
+    columns = ["predicted", "weights", "random_weights", "recipe", "group", "scope", "metric", "value", "gene_mean"]
+    columns.append("genes")
     assert list(table.columns) == columns
+    assert table["gene_mean"].isna().all()  # no predict record: the training mean is unknown
+    assert set(table["recipe"]) == {"unknown"}
     assert set(table["weights"]) == {"unknown"}  # layers without a predict record: origin not known
     assert set(table.loc[table["metric"].isin(["pearson_gene_mean", "ssim_mean", "mse"]), "genes"]) == {"all 6"}
     assert set(table.loc[table["metric"] == "n_spots", "genes"]) == {""}

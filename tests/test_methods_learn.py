@@ -60,3 +60,44 @@ def test_learns_the_image_dependent_genes_only(cohort, method):
     summary = f"{method}: dependent {r[dependent].mean():.3f}, independent {r[~dependent].mean():.3f}"
     assert r[dependent].mean() - r[~dependent].mean() > MARGIN, summary
     assert abs(r[~dependent].mean()) < NOISE, summary
+
+
+# The small-data recipe (issue 14): the same networks, optimised to learn from few sections.
+# Validation on held-aside training spots stops the runs early, so the epoch caps are generous.
+SMALL_DATA = {
+    "histosge_tiny": {"max_epochs": 100, "lr": 3e-3},
+    "histospace_tiny": {"max_epochs": 10, "lr": 1e-3},
+    "thitogene_tiny": {"max_epochs": 80, "lr": 3e-3},
+}
+# hggef_tiny is left out: with one optimiser step per section and epoch, 40 epochs under this
+# recipe's decay and held-aside spots reach only r = 0.04 on the dependent genes (0.20 under
+# the paper recipe); it needs sub-section batching first (docs/methods.md, training recipes).
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(SMALL_DATA))
+def test_small_data_recipe_learns_the_image_dependent_genes_only(cohort, method):
+    adata, train_libraries, test_library = cohort
+    adata = adata.copy()
+    model = sthisto.tl.train(
+        adata,
+        method,
+        train_mask=train_libraries,
+        layer="sthisto_target",
+        seed=0,
+        progress_bar=False,
+        recipe="small_data",
+        **SMALL_DATA[method],
+    )
+    assert model.trained_on["recipe"] == "small_data" and model.trained_on["n_validation_spots"] > 0
+    test = adata[adata.obs["library_id"] == test_library].copy()
+    sthisto.tl.predict(test, model, key_added="predicted")
+    table = sthisto.tl.evaluate(test, predicted="predicted", observed="sthisto_target")
+    per_gene = sthisto.tl.get_metrics(test, "predicted", per_gene=True).set_index("gene")
+    r = per_gene["pearson"].reindex(test.var_names).fillna(0.0).to_numpy()
+    dependent = test.var["synthetic_dependent"].to_numpy()
+    summary = f"{method}: dependent {r[dependent].mean():.3f}, independent {r[~dependent].mean():.3f}"
+    assert r[dependent].mean() - r[~dependent].mean() > MARGIN, summary
+    assert abs(r[~dependent].mean()) < NOISE, summary
+    constant = table.query("scope == 'overall' and metric == 'n_genes_constant_predicted'")["value"].iloc[0]
+    assert constant == 0, f"{method}: {constant:.0f} genes predicted as a constant"

@@ -116,7 +116,12 @@ class _ExpressionModule(pl.LightningModule):
         return self._step(batch, "val")
 
     def configure_optimizers(self):
-        return self._model.configure_optimizers(self.network)
+        configured = self._model.configure_optimizers(self.network)
+        if getattr(self._model, "_recipe", "paper") == "small_data":
+            from ._recipes import small_data_optimizers
+
+            return small_data_optimizers(configured, self.trainer.estimated_stepping_batches)
+        return configured
 
 
 class _EpochReseed(pl.Callback):

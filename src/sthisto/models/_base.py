@@ -531,7 +531,10 @@ class ExpressionModel:
         # One feature matrix per AnnData and call, not one per section.
         cached = getattr(self, "_feature_cache", None)
         if cached is None or cached[0] is not adata:
-            cached = (adata, self.feature_matrix(adata, self.data_params, self.extra.get("frames")))
+            from ..engine._recipes import standardize_features
+
+            features = self.feature_matrix(adata, self.data_params, self.extra.get("frames"))
+            cached = (adata, standardize_features(features, self.data_params))
             self._feature_cache = cached
         return cached[1]
 

@@ -23,6 +23,7 @@ _BUILTIN_METHOD_MODULES = (
     "sthisto.models.histosge",
     "sthisto.models.histospace",
     "sthisto.models.ridge",
+    "sthisto.models.ridge_context",
 )
 
 _METHODS: dict[str, type] = {}

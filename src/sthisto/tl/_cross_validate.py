@@ -647,7 +647,11 @@ def cross_validate(
         Replace existing outputs under the same keys.
     **train_params
         Passed to :func:`sthisto.tl.train` for every fold (``max_epochs``, ``validation``,
-        ``device``, method parameters such as ``lr``).
+        ``device``, ``recipe="paper" | "small_data"``, method parameters such as ``lr``).
+        Two calls that differ only in ``recipe`` compare the recipes on identical folds; the
+        table's ``recipe`` column says which one trained each row's models, and its
+        ``gene_mean`` column scores each fold's gene-mean predictor (see
+        :func:`sthisto.tl.evaluate`).
 
     Returns
     -------
@@ -926,9 +930,10 @@ def _aligned_layer(block: np.ndarray, columns: np.ndarray, n_vars: int):
 def _reference_table(adata, key: str, method_results, layer, group_metrics, metric_frames) -> pd.DataFrame:
     """Scores of each spots-split model on its own training spots (a labelled reference figure)."""
     from ..encoders._provenance import with_weights_columns
+    from ._evaluate import RECIPE_COLUMN, training_mean_of, with_gene_mean_column
     from ._train import _targets
 
-    groups = []
+    groups, gene_mean_groups = [], []
     for task, result in method_results:
         observed, _, _ = _targets(
             adata, task.reference, result["genes"], layer=layer, variant=result["target"], need_counts=False
@@ -938,13 +943,23 @@ def _reference_table(adata, key: str, method_results, layer, group_metrics, metr
             observed, result["reference"], genes=result["genes"], where=f" (training spots of fold {task.fold!r})"
         )
         groups.append((task.fold, metrics, per_gene))
+        mean = training_mean_of(result)
+        if gene_mean_groups is not None and mean is not None:
+            constant = np.broadcast_to(np.asarray(mean), observed.shape)
+            gene_mean_groups.append((task.fold, *group_metrics(observed, constant, genes=result["genes"])))
+        else:
+            gene_mean_groups = None
     table, _ = metric_frames(groups)
+    with_gene_mean_column(table, gene_mean_groups)
     table.insert(0, "predicted", key)
     table.insert(1, "evaluated_on", "training_reference")
     entry = sthisto_uns(adata)[_FUNCTION][key]
-    return with_weights_columns(
+    table = with_weights_columns(
         table, str(entry["weights"]), random=bool(entry["random_weights"]), after="evaluated_on"
     )
+    recipes = [str(json.loads(result["trained_on"]).get("recipe", "unknown")) for _, result in method_results]
+    table.insert(list(table.columns).index("random_weights") + 1, RECIPE_COLUMN, " | ".join(dict.fromkeys(recipes)))
+    return table
 
 
 def _describe_rule(genes, gene_selection: str) -> str:

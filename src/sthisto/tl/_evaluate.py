@@ -75,6 +75,16 @@ GENE_MEANS = {
 }
 """Metrics averaged over the genes whose per-gene value (this ``per_gene`` column) is defined."""
 _MAX_NAMES_LISTED = 10
+RECIPE_COLUMN = "recipe"
+"""Column of the metrics tables: the training recipe of the model(s) behind the predictions."""
+GENE_MEAN_COLUMN = "gene_mean"
+"""Column of the metrics tables: the row's metric scored by the gene-mean predictor."""
+GENE_MEAN_DEFINITION = (
+    "the gene-mean predictor: each gene's mean over the training spots of the model that predicted the spot "
+    "(its normalised target), at every spot; scored on the same spots, genes and groups as the predictions. "
+    "It is constant per gene, so its per-gene correlations are undefined (NaN) and its per-spot Pearson is "
+    "the floor a model's per-spot Pearson must be read against"
+)
 
 # Overall value of count metrics: summed over groups (the n_genes_* ones count gene x group pairs).
 _SUMMED_METRICS = (
@@ -573,19 +583,7 @@ def _observed_from_record(adata, function: str, entry: dict, genes: list[str], r
 
     position = {g: i for i, g in enumerate(genes)}
     out = np.full((len(rows), len(genes)), np.nan)
-    if function == "predict":
-        parts = [(rows, _list(entry["genes"]), entry)]
-    else:
-        fold_key = str(entry["fold_key"])
-        if fold_key not in adata.obs:
-            raise MissingKeyError(
-                f"the cross-validation record names fold column obs[{fold_key!r}], which is missing; "
-                f"pass observed='<layer>' to evaluate without it."
-            )
-        fold_of = adata.obs[fold_key].astype(object).to_numpy()[rows]
-        parts = []
-        for fold, info in entry["folds"].items():
-            parts.append((rows[fold_of == fold], _list(info["genes"]), info))
+    parts = _record_parts(adata, function, entry, rows)
     row_position = {r: i for i, r in enumerate(rows)}
     for fold_rows, model_genes, info in parts:
         if len(fold_rows) == 0:
@@ -603,6 +601,80 @@ def _observed_from_record(adata, function: str, entry: dict, genes: list[str], r
         out_rows = np.fromiter((row_position[r] for r in fold_rows), dtype=int, count=len(fold_rows))
         out[np.ix_(out_rows, out_cols)] = values[:, in_cols]
     return out
+
+
+def _record_parts(adata, function: str, entry: dict, rows: np.ndarray) -> list[tuple[np.ndarray, list[str], dict]]:
+    """(spots, model genes, record) of each model behind a prediction layer (one per fold for CV)."""
+    if function == "predict":
+        return [(rows, _list(entry["genes"]), entry)]
+    fold_key = str(entry["fold_key"])
+    if fold_key not in adata.obs:
+        raise MissingKeyError(
+            f"the cross-validation record names fold column obs[{fold_key!r}], which is missing; "
+            f"pass observed='<layer>' to evaluate without it."
+        )
+    fold_of = adata.obs[fold_key].astype(object).to_numpy()[rows]
+    return [(rows[fold_of == fold], _list(info["genes"]), info) for fold, info in entry["folds"].items()]
+
+
+def training_mean_of(info: dict) -> list[float] | None:
+    """The training mean a model record carries (``trained_on['target_mean']``), or None."""
+    from ._train import TARGET_MEAN_KEY
+
+    trained = _record_value(info.get("trained_on"))
+    if isinstance(trained, str):
+        try:
+            trained = json.loads(trained)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(trained, dict) or trained.get(TARGET_MEAN_KEY) is None:
+        return None
+    return [float(v) for v in trained[TARGET_MEAN_KEY]]
+
+
+def gene_mean_predictions(
+    adata, function: str | None, entry: dict | None, genes: list[str], rows: np.ndarray
+) -> np.ndarray | None:
+    """The gene-mean predictor at ``rows``: each gene's training mean at every spot.
+
+    The mean is that of the model that predicted the spot (one per fold for cross-validation);
+    NaN where that model did not predict the gene. None when any model behind the predictions
+    has no recorded training mean (models trained before it was recorded).
+    """
+    if entry is None:
+        return None
+    position = {g: i for i, g in enumerate(genes)}
+    out = np.full((len(rows), len(genes)), np.nan)
+    row_position = {r: i for i, r in enumerate(rows)}
+    for part_rows, model_genes, info in _record_parts(adata, function, entry, rows):
+        if len(part_rows) == 0:
+            continue
+        mean = training_mean_of(info)
+        if mean is None or len(mean) != len(model_genes):
+            return None
+        take = [(position[g], j) for j, g in enumerate(model_genes) if g in position]
+        if not take:
+            continue
+        out_cols, in_cols = (np.asarray(t) for t in zip(*take))
+        out_rows = np.fromiter((row_position[r] for r in part_rows), dtype=int, count=len(part_rows))
+        out[np.ix_(out_rows, out_cols)] = np.asarray(mean)[in_cols][None, :]
+    return out
+
+
+def with_gene_mean_column(table: pd.DataFrame, gene_mean_groups) -> pd.DataFrame:
+    """Insert ``gene_mean`` after ``value``: the same metric scored by the gene-mean predictor.
+
+    ``gene_mean_groups`` are the ``(group, metrics, per_gene)`` of :func:`group_metrics` run on
+    the gene-mean predictions, or None when the training mean is unknown (the column is NaN).
+    """
+    values = np.full(len(table), np.nan)
+    if gene_mean_groups:
+        reference, _ = metric_frames(gene_mean_groups)
+        lookup = {(g, s, m): v for g, s, m, v in reference[["group", "scope", "metric", "value"]].itertuples(False)}
+        keys = table[["group", "scope", "metric"]].itertuples(index=False, name=None)
+        values = np.asarray([lookup.get(key, np.nan) for key in keys], dtype=np.float64)
+    table.insert(list(table.columns).index("value") + 1, GENE_MEAN_COLUMN, values)
+    return table
 
 
 def _evaluated_genes(adata, predicted: str, genes) -> list[str]:
@@ -858,11 +930,18 @@ def evaluate(
         if by is not None and isinstance(adata.obs[by].dtype, pd.CategoricalDtype)
         else sorted(pd.unique(groups), key=str)
     )
-    results = []
+    gene_mean_values = gene_mean_predictions(adata, function, entry, chosen, rows)
+    if gene_mean_values is not None:
+        gene_mean_values[np.isnan(predicted_values)] = np.nan  # the same spots and genes as the model's
+    results, gene_mean_results = [], []
     for group in order:
         in_group = groups == group
         if not in_group.any():
             continue
+        if gene_mean_values is not None:
+            gene_mean_results.append(
+                (str(group), *group_metrics(observed_values[in_group], gene_mean_values[in_group], genes=chosen))
+            )
         metrics, per_gene = group_metrics(
             observed_values[in_group],
             predicted_values[in_group],
@@ -885,10 +964,16 @@ def evaluate(
     if not results:
         raise InputError(f"layers[{predicted!r}] holds no prediction (all NaN) for any spot; nothing to evaluate.")
     table, per_gene_table = metric_frames(results)
+    kept = {g for g, _, _ in results}
+    with_gene_mean_column(
+        table, [r for r in gene_mean_results if r[0] in kept] if gene_mean_values is not None else None
+    )
     table.insert(0, "predicted", predicted)
     weights, random_weights = _weights_of(entry)
     with_weights_columns(table, weights, random=random_weights)
     with_weights_columns(per_gene_table, weights, random=random_weights, after="gene")
+    recipe = _recipe_of(function, entry)
+    table.insert(list(table.columns).index("random_weights") + 1, RECIPE_COLUMN, recipe)
 
     protocol = _protocol(function, entry, [g for g, _, _ in results])
     adata = maybe_copy(adata, copy)
@@ -917,6 +1002,10 @@ def evaluate(
             "seed": int(seed),
             "weights": weights,
             "random_weights": random_weights,
+            "recipe": recipe,
+            "gene_mean": GENE_MEAN_DEFINITION
+            if gene_mean_values is not None
+            else "not available: the record of the predictions holds no training mean (gene_mean column is NaN)",
         },
         overwrite=overwrite,
     )
@@ -965,6 +1054,19 @@ def _weights_of(entry: dict | None) -> tuple[str, bool]:
     if entry is None or _record_value(entry.get("weights")) is None:
         return "unknown", False
     return str(_record_value(entry["weights"])), bool(_record_value(entry.get("random_weights"), False))
+
+
+def _recipe_of(function: str | None, entry: dict | None) -> str:
+    """Training recipe(s) of the model(s) behind the predictions (``unknown`` without a record)."""
+    found = []
+    for info in _fold_entries(function, entry):
+        trained = _record_value(info.get("trained_on"))
+        try:
+            trained = json.loads(trained) if isinstance(trained, str) else trained
+        except json.JSONDecodeError:
+            trained = None
+        found.append(str(trained.get("recipe", "unknown")) if isinstance(trained, dict) else "unknown")
+    return " | ".join(dict.fromkeys(found)) if found else "unknown"
 
 
 def _target_text(entry: dict) -> str:

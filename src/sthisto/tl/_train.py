@@ -18,6 +18,9 @@ from .._sdata import accepts_spatialdata
 from .._validate import align_train_mask, check_finite_tensors, check_max_epochs, checked_input
 from ..pp._patches import library_ids
 
+TARGET_MEAN_KEY = "target_mean"
+"""Key of ``model.trained_on`` holding each gene's training mean (model gene order)."""
+
 if TYPE_CHECKING:
     from os import PathLike
 
@@ -190,6 +193,7 @@ def train(
     progress_bar: bool = True,
     store: bool = True,
     overwrite: bool = False,
+    recipe: str = "paper",
     n_members: int = 1,
     bootstrap: bool | None = None,
     **method_params: Any,
@@ -241,6 +245,18 @@ def train(
         Store the model record in ``uns['sthisto']['models'][key_added]``.
     overwrite
         Replace an existing stored model with the same key.
+    recipe
+        How the network is optimised. ``"paper"`` (default): each paper's settings, unchanged.
+        ``"small_data"``: the same architecture and loss, optimised to learn from few sections:
+        per-gene target scaling folded back into the output layer, output bias at the training
+        mean, standardised input features, weight decay ``1e-4`` (unless ``weight_decay=`` is
+        given), linear warm-up then cosine decay, and, unless ``validation=`` is given,
+        validation on held-aside training data (15 % of the training spots, or the last
+        training section when there are four or more) with early stopping (patience: a tenth
+        of the epochs, at least 10; or ``early_stopping=``). Recorded in
+        ``model.trained_on['recipe']`` and the ``recipe`` column of metrics tables; what each
+        change is for is on the methods page ("Training recipes"). Closed-form methods (ridge)
+        are unaffected.
     n_members
         Train a deep ensemble of this many models through the same training path; member
         ``k`` (0-based) uses seed ``seed + 1000 * k``. The returned model is member 0 and
@@ -290,6 +306,16 @@ def train(
     train_index = _resolve_train_index(adata, train_mask)
     params = {**variant_params, **method_params}
     cls.split_params(params)  # unknown parameter names fail here, before any work
+    requested_validation, requested_early_stopping = validation, early_stopping  # members decide their own
+    from ..engine._recipes import check_recipe, default_patience, default_validation
+
+    recipe = check_recipe(recipe)
+    if recipe == "small_data" and cls.network_class is not None:
+        if validation is None:
+            validation = default_validation(sorted(set(library_ids(adata)[train_index])))
+        if early_stopping is None:
+            epochs = max_epochs if max_epochs is not None else {**cls.all_training_defaults(), **params}["max_epochs"]
+            early_stopping = default_patience(int(epochs))
     _check_section_sizes(adata, cls, train_index)
     _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed)
     # Targets are validated before the model is configured: configuring may embed images
@@ -306,25 +332,43 @@ def train(
     model = cls.configure(adata, genes=chosen_genes, train_index=train_index, params=params)
     model.check_inputs(adata, train_index)
     model.data_params["target_layer"] = layer
-    model.fit(
-        adata,
-        train_index,
-        targets=targets,
-        counts=counts,
-        size_factors=sizes,
-        validation=validation,
-        early_stopping=early_stopping,
-        seed=seed,
-        max_epochs=max_epochs,
-        device=device,
-        devices=devices,
-        strategy=strategy,
-        num_nodes=num_nodes,
-        precision=precision,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        progress_bar=progress_bar,
-    )
+    scale = None
+    fit_targets = targets
+    if recipe == "small_data":
+        from ..engine._recipes import prepare
+
+        fit_targets, scale = prepare(model, adata, train_index, targets, user_params=params)
+        model._recipe = recipe
+    try:
+        model.fit(
+            adata,
+            train_index,
+            targets=fit_targets,
+            counts=counts,
+            size_factors=sizes,
+            validation=validation,
+            early_stopping=early_stopping,
+            seed=seed,
+            max_epochs=max_epochs,
+            device=device,
+            devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            precision=precision,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress_bar=progress_bar,
+        )
+    finally:
+        model.__dict__.pop("_recipe", None)
+    if scale is not None:
+        from ..engine._recipes import fold_output_scale
+
+        fold_output_scale(model, scale)
+    model.trained_on["recipe"] = recipe
+    # The gene-mean predictor (each gene's training mean at every spot) is the floor every
+    # table is read against; tl.evaluate needs the mean the model saw, so it travels with it.
+    model.trained_on[TARGET_MEAN_KEY] = training_mean(targets)
     if n_members > 1:
         _train_members(
             adata,
@@ -340,8 +384,9 @@ def train(
             options={
                 "max_epochs": max_epochs,
                 "device": device,
-                "validation": validation,
-                "early_stopping": early_stopping,
+                "validation": requested_validation,
+                "early_stopping": requested_early_stopping,
+                "recipe": recipe,
                 "resume": resume,
                 "devices": devices,
                 "strategy": strategy,
@@ -356,6 +401,12 @@ def train(
     if store:
         store_model(adata, model, key_added=key_added, overwrite=overwrite)
     return model
+
+
+def training_mean(targets) -> list[float]:
+    """Each gene's mean over the training spots, as JSON-able floats (the gene-mean predictor)."""
+    values = targets.mean(axis=0) if hasattr(targets, "toarray") else np.asarray(targets, dtype=np.float64).mean(0)
+    return [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
 
 
 def _check_section_sizes(adata, cls, train_index: np.ndarray) -> None:
