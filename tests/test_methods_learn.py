@@ -22,7 +22,7 @@ SCHEDULES = {
     "histosge_tiny": {"max_epochs": 100, "lr": 3e-3},
     "histospace_tiny": {"max_epochs": 10, "lr": 1e-3},
     "thitogene_tiny": {"max_epochs": 80, "lr": 3e-3},
-    "hggef_tiny": {"max_epochs": 40, "lr": 1e-3},
+    "hggef_tiny": {"max_epochs": 50, "lr": 1e-3},
 }
 MARGIN = 0.15  # mean Pearson r, image-dependent minus independent genes
 NOISE = 0.1  # |mean Pearson r| of the independent genes: nothing to learn there
