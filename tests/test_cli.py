@@ -167,6 +167,16 @@ def test_train_predict_evaluate(h5ad, tmp_path, tiny_method, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_train_records_the_recipe(h5ad, tmp_path, capsys):
+    trained = tmp_path / "trained.h5ad"
+    code = main(["train", str(h5ad), "-m", "histosge_tiny", "--train-libraries", "S01", "--max-epochs", "2",
+                 "--recipe", "small_data", "-o", str(trained), "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    model = sthisto.tl.get_model(ad.read_h5ad(trained), "histosge_tiny")
+    assert model.trained_on["recipe"] == "small_data"
+    assert main(["train", str(h5ad), "-m", "ridge", "--recipe", "fast", "-o", str(trained)]) == 2
+
+
 def test_cross_validate_command(h5ad, tmp_path, tiny_method, capsys):
     out, table_path = tmp_path / "cv.h5ad", tmp_path / "cv.csv"
     code = main(["cross-validate", str(h5ad), "-m", tiny_method, "--split", "section", "--max-epochs", "1",

@@ -36,30 +36,33 @@ def cohort():
     return adata, libraries[:2], libraries[2]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(SCHEDULES))
-def test_learns_the_image_dependent_genes_only(cohort, method):
+def _train_and_score(cohort, method, **options):
+    """Train on two sections, predict the third; the model, metrics table and per-gene Pearson r."""
     adata, train_libraries, test_library = cohort
     adata = adata.copy()
     model = sthisto.tl.train(
-        adata,
-        method,
-        train_mask=train_libraries,
-        layer="sthisto_target",
-        seed=0,
-        progress_bar=False,
-        **SCHEDULES[method],
+        adata, method, train_mask=train_libraries, layer="sthisto_target", seed=0, progress_bar=False, **options
     )
     test = adata[adata.obs["library_id"] == test_library].copy()
     sthisto.tl.predict(test, model, key_added="predicted")
-    sthisto.tl.evaluate(test, predicted="predicted", observed="sthisto_target")
+    table = sthisto.tl.evaluate(test, predicted="predicted", observed="sthisto_target")
     per_gene = sthisto.tl.get_metrics(test, "predicted", per_gene=True).set_index("gene")
     # A gene predicted as a constant has no correlation: count it as none (0).
     r = per_gene["pearson"].reindex(test.var_names).fillna(0.0).to_numpy()
-    dependent = test.var["synthetic_dependent"].to_numpy()
+    return model, table, r, test.var["synthetic_dependent"].to_numpy()
+
+
+def _assert_learns_only_the_image(method, r, dependent):
     summary = f"{method}: dependent {r[dependent].mean():.3f}, independent {r[~dependent].mean():.3f}"
     assert r[dependent].mean() - r[~dependent].mean() > MARGIN, summary
     assert abs(r[~dependent].mean()) < NOISE, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(SCHEDULES))
+def test_learns_the_image_dependent_genes_only(cohort, method):
+    _, _, r, dependent = _train_and_score(cohort, method, **SCHEDULES[method])
+    _assert_learns_only_the_image(method, r, dependent)
 
 
 # The small-data recipe (issue 14): the same networks, optimised to learn from few sections.
@@ -77,27 +80,8 @@ SMALL_DATA = {
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(SMALL_DATA))
 def test_small_data_recipe_learns_the_image_dependent_genes_only(cohort, method):
-    adata, train_libraries, test_library = cohort
-    adata = adata.copy()
-    model = sthisto.tl.train(
-        adata,
-        method,
-        train_mask=train_libraries,
-        layer="sthisto_target",
-        seed=0,
-        progress_bar=False,
-        recipe="small_data",
-        **SMALL_DATA[method],
-    )
+    model, table, r, dependent = _train_and_score(cohort, method, recipe="small_data", **SMALL_DATA[method])
     assert model.trained_on["recipe"] == "small_data" and model.trained_on["n_validation_spots"] > 0
-    test = adata[adata.obs["library_id"] == test_library].copy()
-    sthisto.tl.predict(test, model, key_added="predicted")
-    table = sthisto.tl.evaluate(test, predicted="predicted", observed="sthisto_target")
-    per_gene = sthisto.tl.get_metrics(test, "predicted", per_gene=True).set_index("gene")
-    r = per_gene["pearson"].reindex(test.var_names).fillna(0.0).to_numpy()
-    dependent = test.var["synthetic_dependent"].to_numpy()
-    summary = f"{method}: dependent {r[dependent].mean():.3f}, independent {r[~dependent].mean():.3f}"
-    assert r[dependent].mean() - r[~dependent].mean() > MARGIN, summary
-    assert abs(r[~dependent].mean()) < NOISE, summary
+    _assert_learns_only_the_image(method, r, dependent)
     constant = table.query("scope == 'overall' and metric == 'n_genes_constant_predicted'")["value"].iloc[0]
     assert constant == 0, f"{method}: {constant:.0f} genes predicted as a constant"

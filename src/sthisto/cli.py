@@ -255,8 +255,9 @@ def cmd_train(args, progress: _Progress) -> int:
         "seed": args.seed,
         "validation": _validation(args.validation),
         "n_members": args.n_members,
+        "recipe": args.recipe,
     }
-    defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0, "n_members": 1}
+    defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0, "n_members": 1, "recipe": "paper"}
     kwargs = merge_params(options, defaults, parse_params(args.param))
     kwargs.setdefault("progress_bar", not args.quiet and sys.stderr.isatty())
     kwargs["overwrite"] = args.overwrite
@@ -590,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable), e.g. lr=1e-4")
     p.add_argument("--n-members", type=int, default=1, help="train a deep ensemble of this many members (default 1)")
+    p.add_argument(
+        "--recipe",
+        choices=("paper", "small_data"),
+        default="paper",
+        help="how networks are optimised: the paper's settings (default) or the small-data recipe",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_train)
 

@@ -15,11 +15,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from anndata import AnnData
-    from numpy.typing import ArrayLike
-    from spatialdata import SpatialData
-
 from .._anndata import record
 from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError, MissingKeyError
@@ -27,6 +22,11 @@ from .._images import library_spatial
 from .._images import microns_per_pixel as library_mpp
 from .._logging import logger
 from ._tile import GRIDS, lattice, pseudo_spot_adata
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from numpy.typing import ArrayLike
+    from spatialdata import SpatialData
 
 FUNCTION = "pool"
 VISIUM_PITCH_PER_DIAMETER = 100.0 / 55.0
