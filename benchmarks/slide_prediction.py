@@ -119,7 +119,7 @@ def train_models(folder: Path, methods: list[str], chunk: int) -> dict[str, Path
     paths = {}
     for method in methods:
         started = time.perf_counter()
-        params: dict = {"progress_bar": False, "store": False}
+        params: dict = {"progress": False, "store": False}
         if method in ("ridge", "histosge_tiny"):
             params["encoder"] = "handcrafted"
         if method == "histosge_tiny":
@@ -214,7 +214,7 @@ def child(model_path: str, slide_path: str, device: str, threads: int) -> None:
     spots = sthisto.pp.tile(slide, spacing_um=100, diameter_um=55, grid="hex")
     times["tile"] = time.perf_counter() - started
     started = time.perf_counter()
-    predicted = sthisto.tl.predict(spots, model, device=device)
+    predicted = sthisto.tl.predict(spots, model, device=device, copy=True)
     times["predict"] = time.perf_counter() - started
     peak = monitor.stop()
     print(
@@ -252,7 +252,7 @@ def neighbourhood_effect(chunk: int, halos: list[float], methods: list[str]) -> 
     train = data[data.obs["library_id"] != "S03"].copy()
     test = data[data.obs["library_id"] == "S03"].copy()
     for method in methods:
-        params: dict = {"progress_bar": False, "store": False, "max_epochs": 3}
+        params: dict = {"progress": False, "store": False, "max_epochs": 3}
         if method == "bench_thitogene_like":
             _register_thitogene_like()
             params.update(TINY_THITOGENE)

@@ -106,7 +106,7 @@ def part_cost(args) -> None:
             ("hggef_tiny", ("ensemble", "distribution")),
         ):
             model = sthisto.tl.train(
-                adata, method, train_mask=train_mask, n_members=args.members, max_epochs=2, progress_bar=False
+                adata, method, train_mask=train_mask, n_members=args.members, max_epochs=2, progress=False
             )
             model.save(folder / method)
             base_time, base_mem = _measure_in_subprocess(folder / method, folder / "test.h5ad", "plain", args.samples)
@@ -132,7 +132,7 @@ def _fold_scores(adata, method, params, test_section, seed, members):
     held = training[int(np.random.default_rng(seed).integers(len(training)))]
     fit = [s for s in training if s != held]
     model = sthisto.tl.train(
-        adata, method, train_mask=fit, n_members=members, seed=seed, store=False, progress_bar=False, **params
+        adata, method, train_mask=fit, n_members=members, seed=seed, store=False, progress=False, **params
     )
     cal_index = np.flatnonzero(libraries == held)
     test_index = np.flatnonzero(libraries == test_section)

@@ -193,7 +193,7 @@ def _train(a, method="ridge_tiny", **kwargs):
     kwargs.setdefault("key_added", "new")
     if method.startswith("ridge"):
         kwargs.setdefault("encoder", "handcrafted")
-    return sthisto.tl.train(a, method, progress_bar=False, **kwargs)
+    return sthisto.tl.train(a, method, progress=False, **kwargs)
 
 
 def _embed(a, **kwargs):

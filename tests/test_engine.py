@@ -31,7 +31,7 @@ def _weights(model) -> dict[str, np.ndarray]:
 
 
 def test_cpu_training_repeats_bit_for_bit(adata):
-    kwargs = dict(max_epochs=3, progress_bar=False, store=False, seed=3)
+    kwargs = dict(max_epochs=3, progress=False, store=False, seed=3)
     first, second = (sthisto.tl.train(adata, METHOD, **kwargs) for _ in range(2))
     for name, value in _weights(first).items():
         np.testing.assert_array_equal(value, _weights(second)[name], err_msg=name)
@@ -65,7 +65,7 @@ def test_validation_comes_from_training_spots_only(adata):
 def test_validation_keeps_the_best_epoch_and_records_it(adata):
     libraries = list(adata.obs["library_id"].cat.categories)
     model = sthisto.tl.train(
-        adata, METHOD, train_mask=libraries[:3], validation=0.3, max_epochs=4, progress_bar=False, store=False
+        adata, METHOD, train_mask=libraries[:3], validation=0.3, max_epochs=4, progress=False, store=False
     )
     val = np.asarray(model.history["val_loss"])
     assert len(val) == 4 and np.isfinite(val).all()
@@ -104,7 +104,7 @@ def test_killed_run_resumes_to_the_same_weights(adata, tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, like a preempted job
             original(self, trainer, module)
         _loop._EpochReseed.on_train_epoch_start = die_mid_run
-        sthisto.tl.train(adata, "{METHOD}", max_epochs=6, seed=2, progress_bar=False, checkpoint_dir=sys.argv[1])
+        sthisto.tl.train(adata, "{METHOD}", max_epochs=6, seed=2, progress=False, checkpoint_dir=sys.argv[1])
         """,
         tmp_path,
         str(checkpoints),
@@ -122,12 +122,12 @@ def test_killed_run_resumes_to_the_same_weights(adata, tmp_path):
             METHOD,
             max_epochs=6,
             seed=2,
-            progress_bar=False,
+            progress=False,
             checkpoint_dir=checkpoints,
             resume=True,
             store=False,
         )
-        uninterrupted = sthisto.tl.train(adata, METHOD, max_epochs=6, seed=2, progress_bar=False, store=False)
+        uninterrupted = sthisto.tl.train(adata, METHOD, max_epochs=6, seed=2, progress=False, store=False)
     finally:
         torch.set_num_threads(threads)
     assert resumed.history["epoch"] == list(range(6))  # the interrupted run's history continues
@@ -141,7 +141,7 @@ def test_ddp_with_two_cpu_processes_trains_like_one(tmp_path):
     devices, strategy, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     model = sthisto.tl.train(
         adata, "{METHOD}", max_epochs=8, seed=1, lr=1e-3, device="cpu", devices=devices, strategy=strategy,
-        progress_bar=False, store=False,
+        progress=False, store=False,
     )
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -162,6 +162,6 @@ def test_ddp_with_two_cpu_processes_trains_like_one(tmp_path):
 
 
 def test_device_auto_uses_the_cpu_here(adata):
-    model = sthisto.tl.train(adata, METHOD, max_epochs=1, progress_bar=False, store=False)
+    model = sthisto.tl.train(adata, METHOD, max_epochs=1, progress=False, store=False)
     assert model.trained_on["precision"] == "32-true" or torch.cuda.is_available()
     assert next(model.network.parameters()).device.type == "cpu"  # handed back on the CPU

@@ -368,10 +368,15 @@ def test_refusals_leave_adata_unchanged():
     assert not changed["value"].equals(stored["value"])
 
 
-def test_copy_returns_new_object():
+def test_returns_its_table_by_design_and_copy_is_deprecated():
     adata = _adata(labels=False)
-    result = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed", copy=True)
-    assert isinstance(result, ad.AnnData) and "sthisto" not in adata.uns
+    table = sthisto.tl.evaluate(adata, predicted="predicted", observed="observed")
+    pd.testing.assert_frame_equal(sthisto.tl.get_metrics(adata, "predicted"), table)
+    fresh = _adata(labels=False)
+    # The old copy=True kept working for one release: it evaluates a copy and returns it.
+    with pytest.warns(FutureWarning, match=r"adata\.copy\(\)"):
+        result = sthisto.tl.evaluate(fresh, predicted="predicted", observed="observed", copy=True)
+    assert isinstance(result, ad.AnnData) and "sthisto" not in fresh.uns
     assert not sthisto.tl.get_metrics(result, "predicted").empty
 
 
@@ -428,7 +433,7 @@ def _tiny_method():
 def test_observed_default_matches_the_models_targets():
     adata = sthisto.datasets.synthetic(n_sections=2, n_spots=40, n_genes=8, seed=3)
     genes = list(adata.var_names[:5])
-    model = sthisto.tl.train(adata, _tiny_method(), genes=genes, train_mask=["S01"], store=False, progress_bar=False)
+    model = sthisto.tl.train(adata, _tiny_method(), genes=genes, train_mask=["S01"], store=False, progress=False)
     test = adata[adata.obs["library_id"] == "S02"].copy()
     sthisto.tl.predict(test, model, key_added="pred")
     table = sthisto.tl.evaluate(test, predicted="pred")

@@ -40,7 +40,7 @@ def trained(request, cohort):
     adata, train_libraries, _ = cohort
     adata = adata.copy()
     torch.manual_seed(0)
-    model = sthisto.tl.train(adata, request.param, train_mask=train_libraries, max_epochs=2, seed=0, progress_bar=False)
+    model = sthisto.tl.train(adata, request.param, train_mask=train_libraries, max_epochs=2, seed=0, progress=False)
     return request.param, adata, model
 
 
@@ -148,9 +148,7 @@ def test_training_again_in_the_same_process_gives_the_same_model(trained, cohort
     name, adata, model = trained
     train_libraries, test_library = cohort[1], cohort[2]
     torch.manual_seed(123)  # the global stream before the call must not matter either
-    again = sthisto.tl.train(
-        adata, name, train_mask=train_libraries, max_epochs=2, seed=0, progress_bar=False, store=False
-    )
+    again = sthisto.tl.train(adata, name, train_mask=train_libraries, max_epochs=2, seed=0, progress=False, store=False)
     if model.network is not None:
         first, second = model.state_tensors(), again.state_tensors()
         assert sorted(first) == sorted(second)

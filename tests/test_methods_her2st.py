@@ -30,7 +30,7 @@ def her2st_c2_c3(her2st_dir):
 @pytest.mark.parametrize("method", TINY)
 def test_trains_on_c2_and_predicts_c3(her2st_c2_c3, method):
     adata = her2st_c2_c3.copy()
-    model = sthisto.tl.train(adata, method, train_mask=["C2"], max_epochs=1, seed=0, progress_bar=False)
+    model = sthisto.tl.train(adata, method, train_mask=["C2"], max_epochs=1, seed=0, progress=False)
     if model.network is not None:
         assert np.isfinite(model.history["train_loss"]).all(), model.history
     test = adata[adata.obs["library_id"] == "C3"].copy()

@@ -41,7 +41,7 @@ def _train_and_score(cohort, method, **options):
     adata, train_libraries, test_library = cohort
     adata = adata.copy()
     model = sthisto.tl.train(
-        adata, method, train_mask=train_libraries, layer="sthisto_target", seed=0, progress_bar=False, **options
+        adata, method, train_mask=train_libraries, layer="sthisto_target", seed=0, progress=False, **options
     )
     test = adata[adata.obs["library_id"] == test_library].copy()
     sthisto.tl.predict(test, model, key_added="predicted")

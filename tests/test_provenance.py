@@ -36,7 +36,7 @@ def _random_warnings(caught) -> list:
 
 def _train(adata, method, **params):
     libraries = list(adata.obs["library_id"].cat.categories)
-    return sthisto.tl.train(adata, method, train_mask=libraries[:2], max_epochs=1, progress_bar=False, **params)
+    return sthisto.tl.train(adata, method, train_mask=libraries[:2], max_epochs=1, progress=False, **params)
 
 
 def test_records_and_labels(tmp_path):
@@ -170,7 +170,7 @@ def _file_encoder_model(adata, tmp_path):
     path = tmp_path / "encoder.pth"
     torch.save(histospace.HistoSPACEEncoder().state_dict(), path)
     sthisto.pp.embed(adata, encoder="histospace", weights=path, patch_size_um=100.0, progress=False, key_added="X_hs")
-    model = sthisto.tl.train(adata, "ridge_tiny", features_key="X_hs", progress_bar=False, store=False)
+    model = sthisto.tl.train(adata, "ridge_tiny", features_key="X_hs", progress=False, store=False)
     return model, path
 
 
@@ -237,7 +237,7 @@ def test_hub_weights_are_recorded_and_new_spots_use_the_same_revision(tmp_path, 
     hub = {"encoder": "uni", "encoder_weights": "hf-hub:lab/tiny-uni", "encoder_kwargs": {"cache_dir": str(tmp_path)}}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = sthisto.tl.train(adata, "ridge_tiny", progress_bar=False, store=False, **hub)
+        model = sthisto.tl.train(adata, "ridge_tiny", progress=False, store=False, **hub)
     assert not _random_warnings(caught)
     weights = model.provenance["features"]["weights"]
     assert weights["source"] == "hub" and weights["hub_id"] == "hf-hub:lab/tiny-uni" and weights["revision"] == commit

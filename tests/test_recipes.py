@@ -55,7 +55,7 @@ def test_output_bias_starts_at_the_scaled_training_mean(cohort):
     adata = cohort.copy()
     train = (adata.obs["library_id"] != "S03").to_numpy()
     index = np.flatnonzero(train)
-    model = sthisto.tl.train(adata, "histosge_tiny", train_mask=train, max_epochs=1, store=False, progress_bar=False)
+    model = sthisto.tl.train(adata, "histosge_tiny", train_mask=train, max_epochs=1, store=False, progress=False)
     targets = np.asarray(adata.layers["sthisto_target"][index].toarray(), dtype=np.float64)
     fresh = type(model)(model.genes, network_params=model.network_params, data_params=model.data_params)
     scaled, scale = prepare(fresh, adata, index, targets, user_params={})
@@ -77,7 +77,7 @@ def test_small_data_recipe_is_recorded_reloads_identically_and_validates_on_trai
         sthisto.tl.train(adata, "histosge_tiny", recipe="fast")
     assert "sthisto" not in adata.uns or "models" not in adata.uns["sthisto"]
     model = sthisto.tl.train(
-        adata, "histosge_tiny", train_mask=["S01", "S02"], max_epochs=3, recipe="small_data", progress_bar=False
+        adata, "histosge_tiny", train_mask=["S01", "S02"], max_epochs=3, recipe="small_data", progress=False
     )
     assert model.trained_on["recipe"] == "small_data" and model.trained_on["n_validation_spots"] > 0
     assert json.loads(adata.uns["sthisto"]["models"]["histosge_tiny"]["manifest"])["trained_on"]["recipe"] == (

@@ -98,7 +98,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def section_model(data):
-    return sthisto.tl.train(data, TinySectionWide, progress_bar=False, store=False)
+    return sthisto.tl.train(data, TinySectionWide, progress=False, store=False)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def new_slide(data, tmp_path_factory):
 
 
 def test_per_spot_streaming_equals_in_memory_and_reads_one_batch_at_a_time(data, monkeypatch):
-    model = sthisto.tl.train(data, TinySpot, progress_bar=False, store=False)
+    model = sthisto.tl.train(data, TinySpot, progress=False, store=False)
     model.data_params["prediction_batch_spots"] = 16
     largest = []
     original = PatchDataset.read_batch
@@ -186,7 +186,7 @@ def test_positions_beyond_the_table_are_reindexed_for_pseudo_spots_only(data, se
     table = model.data_params["n_positions"]
     spots = sthisto.pp.tile(new_slide, spacing_um=25, diameter_um=15)
     assert spots.obs["array_col"].max() >= table
-    predicted = sthisto.tl.predict(spots, model, key_added="fine")
+    predicted = sthisto.tl.predict(spots, model, key_added="fine", copy=True)
     summary = model.prediction_summary
     assert summary["reindexed_libraries"] == ["new"] and summary["n_units"] > 1
     assert predicted.shape == (spots.n_obs, len(model.genes)) and np.isfinite(predicted.X).all()
@@ -209,13 +209,20 @@ def test_positions_beyond_the_table_are_reindexed_for_pseudo_spots_only(data, se
 
 def test_a_trained_model_recovers_the_dependent_genes_on_a_new_slide(data, new_slide):
     training = data[data.obs["library_id"] != "S03"].copy()
-    model = sthisto.tl.train(training, "ridge", n_components=16, progress_bar=False)
+    model = sthisto.tl.train(training, "ridge", n_components=16, progress=False)
     sthisto.pp.tissue_mask(new_slide)
     spots = sthisto.pp.tile(new_slide, spacing_um=100, diameter_um=55)
-    predicted = sthisto.tl.predict(spots, model, key_added="ridge")
+    predicted = sthisto.tl.predict(spots, model, key_added="ridge", copy=True)
     assert list(predicted.var_names) == list(data.var_names) and predicted.n_obs == spots.n_obs
     assert "spatial" in predicted.obsm and predicted.uns["spatial"]["new"]["images"]["fullres"] is not None
     assert predicted.uns["sthisto"]["predict"]["ridge"]["method"] == "ridge"
+    assert "ridge" not in spots.obsm  # copy=True left the pseudo-spots as they were
+    # In place (copy=False), var cannot grow: the same numbers land in obsm, one column per gene.
+    assert sthisto.tl.predict(spots, model, key_added="ridge") is None
+    table = spots.obsm["ridge"]
+    assert list(table.columns) == list(model.genes) and list(table.index) == list(spots.obs_names)
+    np.testing.assert_allclose(table.to_numpy(), np.asarray(predicted.X), rtol=1e-6)
+    assert spots.uns["sthisto"]["predict"]["ridge"]["written_to"] == "obsm"
     # Ground truth: the generator's morphology term of each dependent gene at S03's measured spots.
     measured = data[data.obs["library_id"] == "S03"]
     from sthisto.datasets._synthetic import _standardise
@@ -236,8 +243,8 @@ def test_a_trained_model_recovers_the_dependent_genes_on_a_new_slide(data, new_s
 def test_slide_map_draws_predictions_over_the_slide(data, new_slide, tmp_path):
     import matplotlib.pyplot as plt
 
-    model = sthisto.tl.train(data, "ridge_tiny", progress_bar=False, store=False)
-    predicted = sthisto.tl.predict(sthisto.pp.tile(new_slide, spacing_um=100), model)
+    model = sthisto.tl.train(data, "ridge_tiny", progress=False, store=False)
+    predicted = sthisto.tl.predict(sthisto.pp.tile(new_slide, spacing_um=100), model, copy=True)
     genes = list(predicted.var_names[:3])
     fig, axes = sthisto.pl.slide_map(predicted, genes, level="hires", save=tmp_path / "map.png", show=False)
     assert len(axes) == 3 and (tmp_path / "map.png").stat().st_size > 0
@@ -259,7 +266,7 @@ import test_slide_prediction  # registers the tiny section-wide method
 adata = ad.read_h5ad({h5ad!r})
 model = sthisto.tl.get_model(adata, "sw")
 model.data_params["prediction_chunk_spots"] = 25
-sthisto.tl.predict_distributed(adata, model, accelerator="cpu", devices=2, strategy="ddp", key_added="ddp")
+sthisto.tl.predict_distributed(adata, model, device="cpu", devices=2, strategy="ddp", key_added="ddp")
 if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # every rank holds the gathered result; one writes it
     np.save({out!r}, adata.layers["ddp"])
     print(adata.uns["sthisto"]["predict"]["ddp"]["streaming"])

@@ -63,7 +63,7 @@ def hex_grid(n_rows=3, n_cols=6, pitch=100.0, origin=(100.0, 100.0), rotation=0.
 
 
 def ridge(adata):
-    return sthisto.tl.train(adata, "ridge_tiny", progress_bar=False, store=False)
+    return sthisto.tl.train(adata, "ridge_tiny", progress=False, store=False)
 
 
 def as_set(points):
@@ -176,7 +176,7 @@ def data():
 def test_end_to_end_with_ridge_and_histosge(data):
     adata = data.copy()
     for method, params in (("ridge_tiny", {}), ("histosge_tiny", {"encoder": "handcrafted", "max_epochs": 3})):
-        model = sthisto.tl.train(adata, method, progress_bar=False, key_added=method, **params)
+        model = sthisto.tl.train(adata, method, progress=False, key_added=method, **params)
         frames = {k: list(v) for k, v in model.extra.get("frames", {}).items()}
         fine = sthisto.tl.superresolve(adata, method, factor=8, library_id="S02")
         assert fine.n_obs > 3 * (adata.obs["library_id"] == "S02").sum()
@@ -221,7 +221,7 @@ class TinyGraph(sthisto.models.ExpressionModel):
 
 
 def test_graph_methods_use_neighbourhoods(data):
-    model = sthisto.tl.train(data, TinyGraph, progress_bar=False, store=False)
+    model = sthisto.tl.train(data, TinyGraph, progress=False, store=False)
     fine = sthisto.tl.superresolve(data, model, factor=4, batch_size=40)
     assert model.prediction_summary["mode"] == "neighbourhoods" and model.prediction_summary["n_units"] > 1
     assert np.isfinite(fine.X).all() and model.data_params["prediction_chunk_spots"] is None
@@ -246,7 +246,7 @@ def test_new_spots_whose_patch_crosses_the_border_are_flagged():
     assert summary["n_patch_clipped"] == 6
 
     # A pixel method (section-wide, neighbourhood prediction) reads its own 100 µm patches: 50 px.
-    model = sthisto.tl.train(adata, TinyGraph, progress_bar=False, store=False)
+    model = sthisto.tl.train(adata, TinyGraph, progress=False, store=False)
     pixels = sthisto.tl.superresolve(adata, model, factor=4, include_original=True)
     expected = _clipped_by_hand(pixels, 50, (400, 400))
     np.testing.assert_array_equal(pixels.obs["patch_clipped"].to_numpy(), expected)

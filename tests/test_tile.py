@@ -107,8 +107,11 @@ def test_hex_grid_follows_the_visium_convention(masked):
     source_images = masked.uns["spatial"]["wsi"]["images"]
     assert entry["images"]["fullres"] is source_images["fullres"]  # shared, not copied
     assert spots.uns["sthisto"]["tile"]["tile"]["libraries"]["wsi"]["n_spots"] == spots.n_obs
-    own = sthisto.pp.tile(masked, spacing_um=100, copy=True)
+    own = sthisto.pp.tile(masked, spacing_um=100, copy_images=True)
     assert own.uns["spatial"]["wsi"]["images"]["hires"] is not source_images["hires"]
+    with pytest.warns(FutureWarning, match="copy_images="):  # the old spelling, for one release
+        old = sthisto.pp.tile(masked, spacing_um=100, copy=True)
+    assert old.uns["spatial"]["wsi"]["images"]["hires"] is not source_images["hires"]
     # The slide's provenance travels with its pseudo-spots; re-tiling them needs a new key.
     assert {"read_image", "tissue_mask", "tile"} <= set(spots.uns["sthisto"])
     with pytest.raises(KeyExistsError, match="key_added"):

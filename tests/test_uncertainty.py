@@ -53,7 +53,7 @@ def test_section_level_coverage_of_90_percent_intervals():
         adata = _with_features(
             sthisto.datasets.synthetic(n_sections=6, n_patients=1, n_spots=100, n_genes=16, seed=seed)
         )
-        sthisto.tl.train(adata, "ridge", features_key="morph", train_mask=["S01", "S02"], progress_bar=False)
+        sthisto.tl.train(adata, "ridge", features_key="morph", train_mask=["S01", "S02"], progress=False)
         sthisto.tl.calibrate(adata, "ridge", calibration=["S03", "S04"])
         test = adata[adata.obs["library_id"].isin(["S05", "S06"])].copy()
         sthisto.tl.predict(test, "ridge", interval=0.9)
@@ -91,9 +91,7 @@ def test_ensemble_spread_flags_spots_outside_the_training_range():
         centre = np.delete(features, test_rows, axis=0).mean(axis=0)
         features[shifted] = centre + 4 * (features[shifted] - centre)
         adata.obsm["morph"] = features
-        sthisto.tl.train(
-            adata, "ridge", features_key="morph", train_mask=["S01", "S02"], n_members=5, progress_bar=False
-        )
+        sthisto.tl.train(adata, "ridge", features_key="morph", train_mask=["S01", "S02"], n_members=5, progress=False)
         test = adata[test_rows].copy()
         sthisto.tl.predict(test, "ridge", uncertainty="ensemble")
         rho.append(_overall(sthisto.tl.evaluate(test, predicted="ridge"), "spearman_error_spread"))
@@ -108,7 +106,7 @@ def test_ensemble_members_share_the_training_path_and_persist(sections, tmp_path
 
     sections = sections.copy()
     model = sthisto.tl.train(
-        sections, "ridge", features_key="morph", train_mask=["S01", "S02"], n_members=3, progress_bar=False
+        sections, "ridge", features_key="morph", train_mask=["S01", "S02"], n_members=3, progress=False
     )
     assert len(model.members) == 2
     info = model.trained_on["ensemble"]
@@ -168,7 +166,7 @@ def test_refusals_leave_data_unchanged(sections):
 
 def test_mc_dropout_is_repeatable_for_a_seed():
     adata = sthisto.datasets.synthetic(n_sections=2, n_spots=30, n_genes=5, seed=1)
-    sthisto.tl.train(adata, "thitogene_tiny", train_mask=["S01"], max_epochs=1, progress_bar=False)
+    sthisto.tl.train(adata, "thitogene_tiny", train_mask=["S01"], max_epochs=1, progress=False)
     for key, seed in (("a", 3), ("b", 3), ("c", 4)):
         torch.manual_seed(100 + seed if key == "b" else seed)  # the global stream must not matter
         sthisto.tl.predict(adata, "thitogene_tiny", key_added=key, uncertainty="dropout", n_samples=3, seed=seed)
@@ -183,7 +181,7 @@ def test_mc_dropout_is_repeatable_for_a_seed():
 
 def test_hggef_predictive_distribution():
     adata = sthisto.datasets.synthetic(n_sections=2, n_spots=30, n_genes=5, seed=2)
-    sthisto.tl.train(adata, "hggef_tiny", train_mask=["S01"], max_epochs=1, progress_bar=False)
+    sthisto.tl.train(adata, "hggef_tiny", train_mask=["S01"], max_epochs=1, progress=False)
     sthisto.tl.predict(adata, "hggef_tiny", uncertainty="distribution")
     mean, var, pi = (adata.layers[f"hggef_tiny_{k}"] for k in ("count_mean", "count_var", "dropout_prob"))
     assert (mean > 0).all() and ((pi > 0) & (pi < 1)).all()
@@ -321,7 +319,7 @@ TINY = sorted(name for name in sthisto.models.list_models() if name.endswith("_t
 @pytest.mark.parametrize("method", TINY)
 def test_every_method_gives_an_ensemble_spread_and_conformal_intervals(method):
     adata = sthisto.datasets.synthetic(n_sections=3, n_spots=30, n_genes=4, seed=4)
-    model = sthisto.tl.train(adata, method, train_mask=["S01"], n_members=2, max_epochs=1, progress_bar=False)
+    model = sthisto.tl.train(adata, method, train_mask=["S01"], n_members=2, max_epochs=1, progress=False)
     sthisto.tl.calibrate(adata, method, calibration=["S02"], uncertainty="ensemble")
     test = adata[adata.obs["library_id"] == "S03"].copy()
     sthisto.tl.predict(test, method, uncertainty="ensemble", interval=0.9)

@@ -177,7 +177,7 @@ def test_superresolution_declares_its_grid_in_true_microns(section, tmp_path, ca
     Image.fromarray(section.uns[Uns.SPATIAL][library]["images"]["fullres"]).save(image_file)
     folder = _write_spaceranger(section, tmp_path / "outs")
     adata = _read(folder, fullres_image_path=image_file, library_id="v")
-    model = sthisto.tl.train(adata, "ridge_tiny", progress_bar=False, store=False)
+    model = sthisto.tl.train(adata, "ridge_tiny", progress=False, store=False)
     with caplog.at_level(logging.WARNING, logger="sthisto"):
         fine = sthisto.tl.superresolve(adata, model, factor=4)
     summary = fine.uns["sthisto"]["superresolve"]["ridge_superresolved"]["libraries"]["v"]

@@ -259,7 +259,7 @@ def cmd_train(args, progress: _Progress) -> int:
     }
     defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0, "n_members": 1, "recipe": "paper"}
     kwargs = merge_params(options, defaults, parse_params(args.param))
-    kwargs.setdefault("progress_bar", not args.quiet and sys.stderr.isatty())
+    kwargs.setdefault("progress", not args.quiet and sys.stderr.isatty())
     kwargs["overwrite"] = args.overwrite
     progress(f"reading {args.input}")
     adata = read_input(args.input)
@@ -303,8 +303,9 @@ def cmd_predict(args, progress: _Progress) -> int:
         n_samples=args.n_samples,
         seed=args.seed,
         overwrite=args.overwrite,
+        copy=True,  # image-only input then gives an AnnData of the model's genes to write
     )
-    out = result if result is not None else adata
+    out = result
     progress(f"wrote {write_output(out, args.output, overwrite=args.overwrite)}")
     return 0
 
@@ -464,7 +465,7 @@ def cmd_demo(args, progress: _Progress) -> int:
     for reserved in ("train_mask", "key_added"):
         if reserved in kwargs:
             raise UsageError(f"--param {reserved}=... is set by the demo itself; leave it out.")
-    kwargs.setdefault("progress_bar", False)
+    kwargs.setdefault("progress", False)
     out.mkdir(parents=True, exist_ok=True)
 
     progress(f"[1/5] generating {args.n_sections} synthetic sections (~{args.n_spots} spots, {args.n_genes} genes)")

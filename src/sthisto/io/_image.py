@@ -104,7 +104,7 @@ def read_image(
     >>> slide = sthisto.io.read_image("slide.ome.tif")
     >>> sthisto.pp.tissue_mask(slide)
     >>> spots = sthisto.pp.tile(slide, spacing_um=100, diameter_um=55)
-    >>> predicted = sthisto.tl.predict(spots, "model_folder")
+    >>> predicted = sthisto.tl.predict(spots, "model_folder", copy=True)
     """
     import anndata as ad
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._deprecate import renamed_parameters
 from .._errors import InputError
 from .._images import ImageSource
 
@@ -535,6 +536,7 @@ def tissue_tiles(
     return tiles[: int(n_tiles)]
 
 
+@renamed_parameters(progress_bar="progress")
 def pretrain_autoencoder(
     adata: AnnData,
     *,
@@ -547,7 +549,7 @@ def pretrain_autoencoder(
     batch_size: int = 32,
     seed: int = 0,
     device: str = "auto",
-    progress_bar: bool = True,
+    progress: bool = True,
 ) -> HistoSPACEAutoencoder:
     """Train HistoSPACE's autoencoder self-supervised on tissue tiles of the user's slides.
 
@@ -571,8 +573,8 @@ def pretrain_autoencoder(
         Seeds tile choice, initialisation and data order.
     device
         ``"auto"``, ``"cpu"``, ``"cuda[:i]"``.
-    progress_bar
-        Show Lightning's progress bar.
+    progress
+        Show Lightning's progress bar. (Formerly ``progress_bar=``, deprecated.)
 
     Returns
     -------
@@ -603,7 +605,7 @@ def pretrain_autoencoder(
         batch_size=batch_size,
         seed=seed,
         device=device,
-        progress_bar=progress_bar,
+        progress_bar=progress,
     )
     network.history = stage.history
     network.tile_config = {

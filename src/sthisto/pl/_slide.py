@@ -103,7 +103,7 @@ def slide_map(
 
     Examples
     --------
-    >>> predicted = sthisto.tl.predict(sthisto.pp.tile(slide), "model_dir")
+    >>> predicted = sthisto.tl.predict(sthisto.pp.tile(slide), "model_dir", copy=True)
     >>> fig, axes = sthisto.pl.slide_map(predicted, ["ERBB2", "CD74"], level="hires", show=False)
     """
     own_figure = ax is None

@@ -17,6 +17,7 @@ import pandas as pd
 
 from .._anndata import record
 from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
+from .._deprecate import renamed_parameters
 from .._errors import InputError, MissingKeyError
 from .._images import library_spatial
 from .._images import microns_per_pixel as library_mpp
@@ -34,6 +35,7 @@ VISIUM_PITCH_PER_DIAMETER = 100.0 / 55.0
 UNITS = ("um", "px")
 
 
+@renamed_parameters(copy="copy_images")
 def pool(
     data: AnnData | pd.DataFrame | SpatialData,
     *,
@@ -53,7 +55,7 @@ def pool(
     table_key: str | None = None,
     key_added: str = FUNCTION,
     overwrite: bool = False,
-    copy: bool = False,
+    copy_images: bool = False,
 ) -> AnnData:
     """Sum bins or transcripts into pseudo-spots on a hexagonal or square lattice.
 
@@ -109,14 +111,15 @@ def pool(
         Name of the record ``uns['sthisto']['pool'][key_added]``.
     overwrite
         Replace a ``pool`` record named ``key_added`` carried over from the input.
-    copy
+    copy_images
         ``False``: the result shares the input's images by reference; ``True``: it holds its own
-        deep copy of ``uns['spatial']``.
+        deep copy of ``uns['spatial']``. (Formerly ``copy=``, deprecated: ``pool`` returns a new
+        object by design, so it has no ``copy``.)
 
     Returns
     -------
-    A **new** AnnData, one observation per pseudo-spot (the input is never modified, so ``copy``
-    only decides whether images are shared or copied):
+    A **new** AnnData by design, one observation per pseudo-spot (the input is never
+    modified):
 
     ``X``
         Summed counts (CSR float32); ``var`` as the input's (DataFrame input: one gene per
@@ -290,7 +293,7 @@ def pool(
         scalefactors=scalefactors,
         kind=FUNCTION,
         library_order=[lib for lib in order if lib in per_library],
-        copy=copy,
+        copy=copy_images,
     )
     import anndata as ad
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from .._anndata import check_record_writable, maybe_copy, record
 from .._constants import Images, Metadata, ScaleFactors, Uns
+from .._deprecate import renamed_parameters
 from .._errors import InputError, KeyExistsError, MissingKeyError, NoImageError
 from .._images import ImageSource, check_image_array, library_spatial, open_image_file
 from .._logging import logger
@@ -697,6 +698,7 @@ def _reference_image(adata, reference, image_key: str | None, max_side: int) -> 
 # --------------------------------------------------------------------------- public function
 
 
+@renamed_parameters(random_state="seed")
 @checked_input
 def stain_normalize(
     adata: AnnData,
@@ -713,7 +715,7 @@ def stain_normalize(
     keep_background: bool = True,
     max_fit_side: int = 2000,
     chunk_size: int = 256,
-    random_state: int = 0,
+    seed: int = 0,
     copy: bool = False,
     overwrite: bool = False,
 ) -> AnnData | None:
@@ -775,8 +777,8 @@ def stain_normalize(
         Longer side of the sample the statistics are estimated from.
     chunk_size
         Block side of the lazy output.
-    random_state
-        Seed for sub-sampling pixels.
+    seed
+        Seed for sub-sampling pixels. (Formerly ``random_state=``, deprecated.)
     copy
         Return a modified copy instead of writing in place.
     overwrite
@@ -833,7 +835,7 @@ def stain_normalize(
         "remove_colour_cast": remove_colour_cast,
         "standardize_luminosity": standardize_luminosity,
         "od_threshold": float(od_threshold),
-        "random_state": random_state,
+        "random_state": seed,
     }
     if target is not None:
         target_stats, reference_info = _check_target(target, method), {"kind": "target"}

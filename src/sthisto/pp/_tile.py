@@ -21,6 +21,7 @@ import pandas as pd
 
 from .._anndata import check_record_writable, record
 from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
+from .._deprecate import renamed_parameters
 from .._errors import InputError, MissingKeyError
 from .._images import library_spatial, microns_per_pixel
 from .._logging import logger
@@ -38,6 +39,7 @@ _BAND_SPOTS = 200_000
 """Grid positions processed at once (bounds temporaries on slides with millions of positions)."""
 
 
+@renamed_parameters(copy="copy_images")
 @checked_input
 def tile(
     adata: AnnData,
@@ -52,7 +54,7 @@ def tile(
     key_added: str = FUNCTION,
     as_spatialdata: bool = False,
     overwrite: bool = False,
-    copy: bool = False,
+    copy_images: bool = False,
 ) -> AnnData | SpatialData:
     """Place pseudo-spots on a regular grid over each slide's tissue.
 
@@ -93,16 +95,16 @@ def tile(
         The result carries the slide's ``uns['sthisto']`` records (reading, tissue mask, stored
         models); replace a carried ``tile`` record named ``key_added`` (from tiling earlier
         pseudo-spots) instead of refusing.
-    copy
+    copy_images
         ``False`` (default): the result shares the slide's images by reference (no pixel is
         copied; lazy images stay lazy). ``True``: it holds its own deep copy of
-        ``uns['spatial']``.
+        ``uns['spatial']``. (Formerly ``copy=``, deprecated: ``tile`` returns a new object by
+        design, so it has no ``copy``.)
 
     Returns
     -------
-    A **new** AnnData with 0 genes and one observation per pseudo-spot; the input is never
-    modified (pseudo-spots cannot be added to it in place), so ``copy`` only decides whether
-    images are shared (``False``) or copied (``True``):
+    A **new** AnnData by design, with 0 genes and one observation per pseudo-spot; the input
+    is never modified (pseudo-spots cannot be added to it in place):
 
     ``obs``
         ``library_id`` (categorical), ``array_row`` / ``array_col`` (int64, from 0),
@@ -123,7 +125,7 @@ def tile(
     --------
     >>> slide = sthisto.io.read_image("slide.tif")
     >>> spots = sthisto.pp.tile(slide, spacing_um=100, diameter_um=55, grid="hex")
-    >>> predicted = sthisto.tl.predict(spots, "trained_model_folder")
+    >>> predicted = sthisto.tl.predict(spots, "trained_model_folder", copy=True)
     """
     from ._tissue import compute_mask, image_libraries, low_resolution_image
 
@@ -231,7 +233,7 @@ def tile(
         scalefactors=scalefactors,
         kind=FUNCTION,
         library_order=libraries,
-        copy=copy,
+        copy=copy_images,
     )
     result.uns[Uns.STHISTO] = copy_module.deepcopy(dict(adata.uns.get(Uns.STHISTO, {})))
     record(

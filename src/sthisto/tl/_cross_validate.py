@@ -770,7 +770,8 @@ def cross_validate(
     tasks = []
     for item, name, _, _ in resolved:
         kwargs = {**train_params, **method_params.get(name, {})}
-        kwargs.setdefault("progress_bar", False)
+        if "progress_bar" not in kwargs:  # the deprecated spelling still reaches tl.train, which warns
+            kwargs.setdefault("progress", False)
         device = kwargs.pop("device", "auto")
         checkpoint_dir = kwargs.pop("checkpoint_dir", None)
         for number, fold in enumerate(plan):

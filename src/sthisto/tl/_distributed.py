@@ -28,6 +28,8 @@ from .._compat import ensure_torchvision
 ensure_torchvision()  # Lightning imports torchmetrics, which imports torchvision
 import lightning.pytorch as pl  # noqa: E402
 
+from .._deprecate import renamed_parameters  # noqa: E402
+from .._device import lightning_accelerator  # noqa: E402
 from .._errors import InputError  # noqa: E402
 from .._validate import checked_input  # noqa: E402
 
@@ -40,19 +42,20 @@ if TYPE_CHECKING:
     from ..models._base import ExpressionModel
 
 
+@renamed_parameters(accelerator="device", progress_bar="progress")
 @checked_input(genes=True)
 def predict_distributed(
     adata: AnnData,
     model: str | PathLike[str] | ExpressionModel,
     *,
     key_added: str | None = None,
-    accelerator: str = "auto",
+    device: str = "auto",
     devices: int | str | Sequence[int] = "auto",
     strategy: str = "ddp",
     num_nodes: int = 1,
     num_workers: int = 0,
     precision: str | None = None,
-    progress_bar: bool = False,
+    progress: bool = False,
     overwrite: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
@@ -67,23 +70,30 @@ def predict_distributed(
         A key of ``uns['sthisto']['models']``, a model object or a saved-model folder.
     key_added
         Output name (default: the stored key, else the method name).
-    accelerator, devices, strategy, num_nodes
-        Passed to :class:`lightning.pytorch.Trainer`, e.g. ``accelerator="gpu", devices=4,
-        strategy="ddp", num_nodes=2`` (8 GPUs), or ``accelerator="cpu", devices=2`` (two CPU
+    device
+        ``"auto"`` (GPUs when present, else CPU), ``"cpu"``, ``"cuda"`` (``"gpu"`` is accepted
+        too) or ``"cuda:i"`` (that GPU only, unless ``devices`` says otherwise); the
+        accelerator of :class:`lightning.pytorch.Trainer`. (Formerly ``accelerator=``,
+        deprecated.)
+    devices, strategy, num_nodes
+        Passed to :class:`lightning.pytorch.Trainer`, e.g. ``device="cuda", devices=4,
+        strategy="ddp", num_nodes=2`` (8 GPUs), or ``device="cpu", devices=2`` (two CPU
         processes, gloo backend).
     num_workers
         DataLoader processes per rank reading patches while the network runs.
     precision
         Lightning precision; default ``"bf16-mixed"`` on GPU, ``"32-true"`` on CPU.
-    progress_bar
-        Show Lightning's progress bar.
+    progress
+        Show Lightning's progress bar. (Formerly ``progress_bar=``, deprecated.)
     overwrite, copy
         As in :func:`sthisto.tl.predict`.
 
     Returns
     -------
-    Exactly what :func:`sthisto.tl.predict` returns (a new AnnData for image-only data, else
-    ``None`` or the copy with ``layers[key_added]``), on every rank; the provenance record
+    Exactly what :func:`sthisto.tl.predict` returns (``None`` with ``copy=False``, writing
+    ``layers[key_added]``, or ``obsm[key_added]`` for genes ``var`` lacks; with ``copy=True``
+    the copy, or a new AnnData of the model's genes for image-only data), on every rank; the
+    provenance record
     ``uns['sthisto']['predict'][key_added]`` adds ``world_size`` and ``strategy``.
 
     Examples
@@ -92,7 +102,7 @@ def predict_distributed(
 
         slide = sthisto.io.read_image("slide.ome.tif")
         spots = sthisto.pp.tile(slide, spacing_um=100, diameter_um=55)
-        out = sthisto.tl.predict_distributed(spots, "model_dir", accelerator="gpu", devices=4)
+        out = sthisto.tl.predict_distributed(spots, "model_dir", device="cuda", devices=4, copy=True)
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             out.write_h5ad("predicted.h5ad")
     """
@@ -107,10 +117,11 @@ def predict_distributed(
             f"runs one network. Use sthisto.tl.predict (which averages the members), or predict_distributed with "
             f"one member: model.members = [] on a copy from sthisto.tl.get_model."
         )
-    request = _prediction_request(adata, fitted, stored_key, key_added=key_added, overwrite=overwrite)
+    request = _prediction_request(adata, fitted, stored_key, key_added=key_added, overwrite=overwrite, copy=copy)
     plan = fitted.prediction_plan(adata)
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    accelerator, chosen = lightning_accelerator("cuda" if device == "gpu" else device)
+    if devices == "auto" and isinstance(chosen, list):  # "cuda:i" names one GPU
+        devices = chosen
     if precision is None:
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
 
@@ -128,7 +139,7 @@ def predict_distributed(
             logger=False,
             callbacks=[collector],
             enable_checkpointing=False,
-            enable_progress_bar=progress_bar,
+            enable_progress_bar=progress,
             enable_model_summary=False,
             use_distributed_sampler=False,
         )

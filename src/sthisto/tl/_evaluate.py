@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._anndata import check_record_writable, maybe_copy, record, sthisto_uns
+from .._anndata import check_record_writable, record, sthisto_uns
 from .._constants import Obs, Uns, Var
+from .._deprecate import removed_copy
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._validate import checked_input
@@ -707,6 +708,19 @@ def _evaluated_genes(adata, predicted: str, genes) -> list[str]:
     return chosen
 
 
+def _evaluate_a_copy(function, args, kwargs):
+    """What ``evaluate(copy=True)`` did before it was deprecated: evaluate a copy and return it."""
+    adata, *rest = args if args else (kwargs.pop("adata"),)
+    adata = adata.copy()
+    function(adata, *rest, **kwargs)
+    return adata
+
+
+@removed_copy(
+    "It stores its table in adata.uns and returns it; to keep adata unchanged, evaluate a copy: "
+    "tl.evaluate(adata.copy(), ...).",
+    on_copy=_evaluate_a_copy,
+)
 @checked_input(genes=True)
 def evaluate(
     adata: AnnData,
@@ -723,9 +737,8 @@ def evaluate(
     leiden_connectivities: str = "umap",
     kmeans_n_init: int = 20,
     seed: int = 0,
-    copy: bool = False,
     overwrite: bool = False,
-) -> pd.DataFrame | AnnData:
+) -> pd.DataFrame:
     """Score predicted against observed expression per section and overall, recording the protocol.
 
     Definitions of every metric are in the Notes below and stored with the numbers
@@ -774,14 +787,13 @@ def evaluate(
         k-means restarts (the papers: 20).
     seed
         ``random_state`` of PCA, k-means, the kNN graph and Leiden (the papers: 0).
-    copy
-        Return a modified copy instead of writing in place.
     overwrite
         Replace existing results under ``key_added``.
 
     Returns
     -------
-    With ``copy=False``: the tidy metrics table (also stored), one row per group and metric
+    A new table by design (there is no ``copy=``; it also lands in ``adata.uns``, see
+    below): the tidy metrics table, one row per group and metric
     plus ``overall`` rows, columns ``predicted``, ``group``, ``scope`` (``"group"`` or
     ``"overall"``), ``metric``, ``value``, ``genes`` (which genes the value covers: ``"all
     <n>"``, or for a per-gene mean whose value is undefined for some genes ``"<k> of <n>;
@@ -792,8 +804,8 @@ def evaluate(
     ``none`` when nothing is pretrained, ``unknown`` without a predict / cross-validate
     record; see :func:`sthisto.encoders.weights_label`), so scores of random weights say so.
     Pivot it with
-    ``table.pivot(index="group", columns="metric", values="value")``. With ``copy=True``: the
-    modified copy (read the table back with :func:`sthisto.tl.get_metrics`).
+    ``table.pivot(index="group", columns="metric", values="value")``; read it back later with
+    :func:`sthisto.tl.get_metrics`.
 
     Writes ``adata.uns['sthisto']['evaluate'][key_added]``: ``predicted``, ``observed``
     (what the predictions were compared with), ``target``, ``by``, ``labels_key``, ``genes``,
@@ -976,7 +988,6 @@ def evaluate(
     table.insert(list(table.columns).index("random_weights") + 1, RECIPE_COLUMN, recipe)
 
     protocol = _protocol(function, entry, [g for g, _, _ in results])
-    adata = maybe_copy(adata, copy)
     record(
         adata,
         _FUNCTION,
@@ -1017,7 +1028,7 @@ def evaluate(
         curve = pd.concat(curves, ignore_index=True)
         overall = curve.groupby(["level", "expected", "source"], as_index=False)["observed"].mean()
         stored["calibration_curve"] = pd.concat([curve, overall.assign(group=OVERALL)], ignore_index=True)
-    return adata if copy else table
+    return table
 
 
 def gene_coverage(groups: Sequence[tuple[str, dict[str, float], pd.DataFrame]]) -> pd.DataFrame:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from .._anndata import check_writable, maybe_copy, record, sthisto_uns, write
 from .._constants import Layers, Obs, Uns, Var
+from .._deprecate import renamed_parameters
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._sdata import accepts_spatialdata
@@ -169,6 +170,7 @@ def _targets(adata, index, genes, *, layer, variant, need_counts):
     return targets, (counts if need_counts else None), sizes
 
 
+@renamed_parameters(progress_bar="progress")
 @accepts_spatialdata
 @checked_input(genes=True)
 def train(
@@ -190,7 +192,7 @@ def train(
     strategy: str = "auto",
     num_nodes: int = 1,
     precision: str | None = None,
-    progress_bar: bool = True,
+    progress: bool = True,
     store: bool = True,
     overwrite: bool = False,
     recipe: str = "paper",
@@ -239,8 +241,8 @@ def train(
     devices, strategy, num_nodes, precision
         Passed to :class:`lightning.pytorch.Trainer` (e.g. ``devices=4, strategy="ddp"``).
         ``precision`` defaults to ``"bf16-mixed"`` on GPU and ``"32-true"`` on CPU.
-    progress_bar
-        Show Lightning's progress bar.
+    progress
+        Show Lightning's progress bar. (Formerly ``progress_bar=``, deprecated.)
     store
         Store the model record in ``uns['sthisto']['models'][key_added]``.
     overwrite
@@ -357,7 +359,7 @@ def train(
             precision=precision,
             checkpoint_dir=checkpoint_dir,
             resume=resume,
-            progress_bar=progress_bar,
+            progress_bar=progress,
         )
     finally:
         model.__dict__.pop("_recipe", None)
@@ -392,7 +394,7 @@ def train(
                 "strategy": strategy,
                 "num_nodes": num_nodes,
                 "precision": precision,
-                "progress_bar": progress_bar,
+                "progress": progress,
                 **method_params,
             },
         )
@@ -586,12 +588,15 @@ def predict(
     overwrite
         Replace existing outputs with the same key.
     copy
-        Return a modified copy instead of writing in place; image features a feature-based
-        model computes also go to the copy only, so ``adata`` is left exactly as it was.
+        ``False`` (default): write into ``adata`` and return ``None``. ``True``: leave
+        ``adata`` exactly as it was (image features a feature-based model computes go to the
+        copy only) and return the result as a new object (see Returns).
 
     Returns
     -------
-    When every model gene is in ``adata.var_names``: ``None`` (or the copy), writing
+    ``None`` with ``copy=False``; with ``copy=True`` a modified copy of ``adata`` holding the
+    same keys, except for image-only data (see below). When every model gene is in
+    ``adata.var_names`` the call writes
 
     - ``adata.layers[key_added]``: predictions aligned with ``var`` (model output scale, e.g.
       log10(1 + counts per 10k)); a dense array when the model predicts every gene of
@@ -607,14 +612,19 @@ def predict(
       components came from, see :func:`sthisto.encoders.weights_label`; ``point``,
       ``uncertainty`` and, with ``interval``, the calibration used: level, kind, calibration
       sections and the stored quantiles, from which :func:`sthisto.tl.evaluate` draws the
-      calibration curve).
+      calibration curve; ``written_to``: ``"layers"``, ``"obsm"`` or ``"new AnnData"``).
 
-    Otherwise (image-only data, or none of the model's genes measured): a **new** AnnData with
-    the spots of ``adata`` (``obs``, ``obsm``, ``uns['spatial']`` shared), ``var`` = the
-    model's genes, ``X`` and ``layers[key_added]`` = predictions, and the same ``uns`` record;
-    ``adata`` is left unchanged except for image features a feature-based model computes into
-    ``adata.obsm`` (kept so that other models reuse them). For a SpatialData table + shapes
-    pass the result to :func:`sthisto.io.to_spatialdata`.
+    When some model gene is not in ``var`` (image-only pseudo-spots from
+    :func:`sthisto.pp.tile`, or other genes measured), ``var`` cannot hold the predictions:
+
+    - ``copy=False`` writes ``adata.obsm[key_added]``, a DataFrame of spots × the model's
+      genes (column names), the companions as ``obsm[f"{key_added}_std"]`` etc. in the same
+      form, and the ``uns`` record above;
+    - ``copy=True`` returns a **new** AnnData with the spots of ``adata`` (``obs``, ``obsm``,
+      ``uns['spatial']`` shared), ``var`` = the model's genes, ``X`` and
+      ``layers[key_added]`` = predictions, companions as layers, and the same ``uns`` record;
+      ``adata`` is left unchanged. For a SpatialData table + shapes pass it to
+      :func:`sthisto.io.to_spatialdata`.
     """
     from ._calibrate import choose_calibration, decode_quantiles, interval_bounds
     from ._uncertainty import check_mode, check_supported, predictive
@@ -627,7 +637,7 @@ def predict(
         calibration_key, calibration = choose_calibration(fitted, uncertainty, interval)
     companions = _companions(uncertainty, interval)
     request = _prediction_request(
-        adata, fitted, stored_key, key_added=key_added, overwrite=overwrite, companions=companions
+        adata, fitted, stored_key, key_added=key_added, overwrite=overwrite, copy=copy, companions=companions
     )
     # With copy=True everything, including features a feature-based model computes, goes to the copy.
     target = maybe_copy(adata, copy)
@@ -652,8 +662,10 @@ def predict(
             "quantiles": decode_quantiles(calibration["quantiles"]),
             "beta": np.asarray(calibration.get("beta") or [], dtype=np.float64),
         }
-    result = _store_predictions(target, fitted, request, output["mean"], overwrite=overwrite, copy=False, extra=extra)
-    return target if copy and result is None else result
+    if copy and request.aligned:
+        _store_predictions(target, fitted, request, output["mean"], overwrite=overwrite, copy=False, extra=extra)
+        return target
+    return _store_predictions(target, fitted, request, output["mean"], overwrite=overwrite, copy=copy, extra=extra)
 
 
 def _companions(uncertainty, interval) -> list[str]:
@@ -690,7 +702,7 @@ def weights_fields(fitted) -> dict[str, Any]:
     }
 
 
-def _prediction_request(adata, fitted, stored_key, *, key_added, overwrite, companions=()) -> _PredictionRequest:
+def _prediction_request(adata, fitted, stored_key, *, key_added, overwrite, copy, companions=()) -> _PredictionRequest:
     key_added = key_added or stored_key or fitted.name
     var_names = pd.Index(adata.var_names.astype(str))
     measured = var_names.get_indexer(fitted.genes)
@@ -710,6 +722,10 @@ def _prediction_request(adata, fitted, stored_key, *, key_added, overwrite, comp
         check_writable(adata, "var", Var.predicted(key_added), overwrite=overwrite)
         for name in companions:
             check_writable(adata, "layers", Layers.companion(key_added, name), overwrite=overwrite)
+    elif not copy:
+        check_writable(adata, "obsm", key_added, overwrite=overwrite)
+        for name in companions:
+            check_writable(adata, "obsm", Layers.companion(key_added, name), overwrite=overwrite)
     return _PredictionRequest(key_added, measured, aligned, provenance)
 
 
@@ -720,14 +736,28 @@ def _store_predictions(
     import scipy.sparse as sp
 
     key_added, measured, provenance = request.key_added, request.measured, request.provenance
+    if not request.aligned and (measured >= 0).any():
+        logger.info(
+            "%d of the model's %d genes are not in adata.var_names: predictions of all its genes go to %s.",
+            int((measured < 0).sum()),
+            len(fitted.genes),
+            "a new AnnData" if copy else f"adata.obsm[{key_added!r}]",
+        )
+    if not request.aligned and not copy:
+        # var cannot grow in place, so genes var lacks go to obsm, one named column per model gene.
+        provenance["written_to"] = "obsm"
+        names = pd.Index(fitted.genes, name=None)
+
+        def table(values):
+            return pd.DataFrame(np.asarray(values, dtype=np.float32), index=adata.obs_names.copy(), columns=names)
+
+        write(adata, "obsm", key_added, table(predictions), overwrite=overwrite)
+        for name, values in (extra or {}).items():
+            write(adata, "obsm", Layers.companion(key_added, name), table(values), overwrite=overwrite)
+        record(adata, "predict", key_added, provenance, overwrite=True)
+        return None
     if not request.aligned:
-        if (measured >= 0).any():
-            logger.info(
-                "%d of the model's %d genes are not in adata.var_names: returning a new AnnData with the "
-                "model's genes instead of writing a layer.",
-                int((measured < 0).sum()),
-                len(fitted.genes),
-            )
+        provenance["written_to"] = "new AnnData"
         result = ad.AnnData(
             X=predictions,
             obs=adata.obs.copy(),
@@ -742,6 +772,7 @@ def _store_predictions(
         record(result, "predict", key_added, provenance)
         return result
 
+    provenance["written_to"] = "layers"
     adata = maybe_copy(adata, copy)
     full = len(fitted.genes) == adata.n_vars and (measured == np.arange(adata.n_vars)).all()
 
