@@ -225,7 +225,8 @@ class ExpressionModel:
     @classmethod
     def all_data_defaults(cls) -> dict[str, Any]:
         """Data parameters with this method's defaults."""
-        return {**_COMMON_DATA_DEFAULTS, **cls.data_defaults}
+        # graph_key: an obsp graph the user built replaces the method's own (pp._user_graph).
+        return {**_COMMON_DATA_DEFAULTS, **({"graph_key": None} if cls.needs_graph else {}), **cls.data_defaults}
 
     @classmethod
     def all_training_defaults(cls) -> dict[str, Any]:
@@ -490,8 +491,8 @@ class ExpressionModel:
             out.append(Section(str(library), obs_index, tensors))
         return out
 
-    def section_inputs(self, adata, obs_index: np.ndarray) -> dict[str, Any]:
-        """Network inputs of one section's spots (patches/features, positions, graph)."""
+    def section_inputs(self, adata, obs_index: np.ndarray, *, graph: bool = True) -> dict[str, Any]:
+        """Network inputs of one section's spots (patches/features, positions, graph unless ``graph=False``)."""
         import torch
 
         tensors: dict[str, Any] = {}
@@ -514,7 +515,12 @@ class ExpressionModel:
         if self.uses_positions or self.needs_graph:
             positions = grid_positions(adata[obs_index])
             tensors["positions"] = torch.as_tensor(positions, dtype=torch.int64)
-        if self.needs_graph:
+        if self.needs_graph and graph and self.data_params.get("graph_key") is not None:
+            from ..pp._user_graph import section_edge_index
+
+            edges = section_edge_index(adata, self.data_params["graph_key"], obs_index)
+            tensors["edge_index"] = torch.as_tensor(edges, dtype=torch.int64)
+        elif self.needs_graph and graph:
             from ..pp._graph import knn_edge_index
 
             edges = knn_edge_index(
@@ -775,7 +781,8 @@ class ExpressionModel:
         """Network inputs of one prediction unit (patches read now, for its spots only)."""
         import torch
 
-        tensors = self.section_inputs(adata, unit.obs_index)
+        # Super-resolved spots are in no obsp graph: their edges come from graph_positions below.
+        tensors = self.section_inputs(adata, unit.obs_index, graph=graph_positions is None)
         if unit.position_offset is not None and "positions" in tensors:
             shift = torch.as_tensor(np.asarray(unit.position_offset, dtype=np.int64))
             tensors["positions"] = tensors["positions"] - shift
@@ -785,7 +792,7 @@ class ExpressionModel:
                     f"a neighbourhood of library {unit.library_id!r} spans {high + 1} grid positions, more than "
                     f"the model's table of {self.data_params['n_positions']}; lower prediction_halo."
                 )
-        if graph_positions is not None and "edge_index" in tensors:
+        if graph_positions is not None and self.needs_graph:
             from ..pp._graph import knn_edge_index
 
             edges = knn_edge_index(

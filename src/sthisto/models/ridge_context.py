@@ -110,6 +110,10 @@ class RidgeContext(Ridge):
     context_radius
         Neighbours are spots closer than this multiple of the section's median
         nearest-neighbour distance (default 1.2: the immediate grid ring).
+    graph_key
+        Use the spot graph in ``adata.obsp[graph_key]`` (e.g. ``"spatial_connectivities"``
+        from ``squidpy.gr.spatial_neighbors``; symmetrised, within sections) instead of the one
+        ``context_radius`` builds; a section to predict needs the same key.
     n_components, alphas, cv, standardize, encoder, features_key, target, ...
         As for ``ridge``.
     """
@@ -118,7 +122,7 @@ class RidgeContext(Ridge):
     aliases = ()
     variants = {"tiny": {"n_components": 8}}
     reference = "ridge baseline (HEST-1k protocol) with neighbour-ring mean features, after multi-scale methods"
-    data_defaults = {**Ridge.data_defaults, "context_rings": 1, "context_radius": 1.2}
+    data_defaults = {**Ridge.data_defaults, "context_rings": 1, "context_radius": 1.2, "graph_key": None}
 
     @classmethod
     def configure(cls, adata, *, genes, train_index, params: Mapping[str, Any]):
@@ -141,7 +145,11 @@ class RidgeContext(Ridge):
         from ..pp._patches import library_ids, spot_coordinates
 
         own = super().feature_matrix(adata, data, frames)
-        adjacency = neighbour_graph(
-            spot_coordinates(adata)[:, :2], np.asarray(library_ids(adata)), radius=float(data["context_radius"])
-        )
+        libraries = np.asarray(library_ids(adata))
+        if data.get("graph_key") is not None:
+            from ..pp._user_graph import within_sections
+
+            adjacency = within_sections(adata, data["graph_key"], libraries)
+        else:
+            adjacency = neighbour_graph(spot_coordinates(adata)[:, :2], libraries, radius=float(data["context_radius"]))
         return ring_features(own, adjacency, rings=int(data["context_rings"]))

@@ -272,7 +272,11 @@ def train(
         (ridge, whose fit does not depend on a seed) and not networks.
     **method_params
         Network, data and training parameters of the method (e.g. ``lr``, ``patch_size_um``,
-        ``depth``); unknown names raise an error listing the valid ones.
+        ``depth``); unknown names raise an error listing the valid ones. The graph methods
+        (THItoGene, HGGEF, ``ridge_context``) take ``graph_key``: an ``adata.obsp`` spot graph
+        the user built (e.g. ``"spatial_connectivities"`` from
+        ``squidpy.gr.spatial_neighbors``) to use instead of the paper's own; it is recorded in
+        the model, and the sections it predicts need the same key.
 
     Returns
     -------
