@@ -159,6 +159,20 @@ def test_cluster_scores_match_an_independent_sklearn_pipeline():
     assert np.isfinite(scores["ari_leiden"]) and scores["n_leiden_clusters"] >= 1
 
 
+def test_leiden_runs_on_the_leidenalg_package(monkeypatch):
+    import igraph
+    import leidenalg
+
+    calls = []
+    real = leidenalg.find_partition
+    monkeypatch.setattr(leidenalg, "find_partition", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(igraph.Graph, "community_leiden", lambda *a, **k: pytest.fail("igraph's own Leiden ran"))
+    embedding = np.random.default_rng(0).normal(size=(40, 4))
+    labels = leiden_clusters(embedding, n_neighbors=8, connectivities="gauss", seed=2)
+    assert len(calls) == 1 and calls[0]["seed"] == 2 and calls[0]["n_iterations"] == -1
+    assert labels.shape == (40,) and labels.min() == 0
+
+
 def test_clustering_is_seeded():
     embedding = np.random.default_rng(0).normal(size=(40, 4))
     assert (kmeans_clusters(embedding, 3, n_init=3, seed=1) == kmeans_clusters(embedding, 3, n_init=3, seed=1)).all()
