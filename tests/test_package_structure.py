@@ -40,6 +40,7 @@ NOT_DATA_FIRST = {
     "models.list_models",
     "models.register_method",
     "encoders.get_encoder",
+    "encoders.cpu_batch_size",
     "encoders.list_encoders",
     "encoders.register_encoder",
     "encoders.read_state_dict",

@@ -22,5 +22,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "provenance_label": "._provenance",
         "weights_label": "._provenance",
         "RandomWeightsWarning": "._provenance",
+        "cpu_batch_size": "._batching",
     },
 )
