@@ -74,6 +74,12 @@ def configured(adata, method: str, train_index: np.ndarray):
     from sthisto.models._registry import resolve_method
 
     cls, params = resolve_method(method)
+    if cls.network_class is None:  # closed form (ridge): fitting is cheap and its arrays need a fit
+        import sthisto
+
+        mask = np.zeros(adata.n_obs, dtype=bool)
+        mask[train_index] = True
+        return sthisto.tl.train(adata, method, train_mask=mask, store=False, progress_bar=False)
     if "backbone_weights" in cls.network_parameter_names():
         params = {**params, "backbone_weights": None}  # no ImageNet file needed for a size
     genes = list(adata.var_names)
