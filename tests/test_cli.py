@@ -180,7 +180,7 @@ def test_train_records_the_recipe(h5ad, tmp_path, capsys):
 def test_cross_validate_command(h5ad, tmp_path, tiny_method, capsys):
     out, table_path = tmp_path / "cv.h5ad", tmp_path / "cv.csv"
     code = main(["cross-validate", str(h5ad), "-m", tiny_method, "--split", "section", "--max-epochs", "1",
-                 "--no-store-models", "--table", str(table_path), "-o", str(out), "-q"])  # fmt: skip
+                 "--table", str(table_path), "-o", str(out), "-q"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert "pearson_gene_mean" in capsys.readouterr().out
     table = pd.read_csv(table_path)

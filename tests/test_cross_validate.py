@@ -94,7 +94,9 @@ def test_fold_plans(data):
 
 def test_section_split_writes_out_of_fold_predictions(data):
     adata = _fresh(data)
-    table = sthisto.tl.cross_validate(adata, TinyCV, split="section", labels_key="label", seed=3, **FAST)
+    table = sthisto.tl.cross_validate(
+        adata, TinyCV, split="section", labels_key="label", seed=3, store_weights=True, **FAST
+    )
     key = "cv_tiny_cv"
     assert adata.layers[key].shape == adata.shape and np.isfinite(adata.layers[key]).all()
     assert adata.var[f"{key}_predicted"].all()
@@ -249,16 +251,14 @@ def test_given_lists_and_per_fold_rules_stay_silent(data, caplog):
 
 def test_methods_compared_on_identical_folds(data):
     adata = _fresh(data)
-    table = sthisto.tl.cross_validate(
-        adata, [TinyCV, TinyCVWide], split="section", folds=["S01", "S03"], store_models=False, **FAST
-    )
+    table = sthisto.tl.cross_validate(adata, [TinyCV, TinyCVWide], split="section", folds=["S01", "S03"], **FAST)
     assert set(table["method"]) == {"tiny_cv", "tiny_cv_wide"}
     store = adata.uns["sthisto"]["cross_validate"]
     assert list(store["cv"]["keys"]) == ["cv_tiny_cv", "cv_tiny_cv_wide"]
     pd.testing.assert_frame_equal(store["cv"]["table"], table)
     for key in ("cv_tiny_cv", "cv_tiny_cv_wide"):
         assert set(store[key]["models"]) == {"S01", "S03"}
-        assert "weights" not in store[key]["models"]["S01"]  # store_models=False keeps manifests only
+        assert "weights" not in store[key]["models"]["S01"]  # the default keeps records without weights
         layer = adata.layers[key]
         s02 = (adata.obs["library_id"] == "S02").to_numpy()
         assert np.isnan(layer[s02]).all() and np.isfinite(layer[~s02]).all()

@@ -171,3 +171,36 @@ class Synthetic:
     """``uns['sthisto']`` key of the generator's parameters."""
     SOURCE: Final = "sthisto.datasets.synthetic"
     """``metadata['source']`` of synthetic sections."""
+
+
+class ModelRecord:
+    """Fields of a stored-model record.
+
+    Records live at ``uns['sthisto']['models'][key]`` (:func:`sthisto.tl.train`) and, one per
+    fold, at ``uns['sthisto']['cross_validate'][key]['models'][fold]``.
+    """
+
+    MANIFEST: Final = "manifest"
+    """JSON manifest: method, genes, parameters, history, training data, weight provenance."""
+    WEIGHTS: Final = "weights"
+    """Weights kept in ``uns``: the safetensors bytes as a uint8 array."""
+    WEIGHTS_FILE: Final = "weights_file"
+    """Weights written to a folder: absolute path of the safetensors file."""
+    WEIGHTS_NAME: Final = "weights_name"
+    """Path of that file relative to the ``models_dir`` it was written to (to find it after a move)."""
+    WEIGHTS_SHA256: Final = "weights_sha256"
+    """SHA-256 of the file, checked on every load."""
+    WEIGHTS_BYTES: Final = "weights_bytes"
+    """Size of the file in bytes."""
+    STORED: Final = "weights_stored"
+    """Where the weights are: ``"uns"``, ``"file"`` or ``"none"`` (a cross-validation fold's default)."""
+    FOLD: Final = "fold"
+    """Fold records: the fold's name."""
+    TRAIN_SECTIONS: Final = "train_sections"
+    """Fold records: ``library_id`` values the fold's model trained on."""
+    TEST_SECTIONS: Final = "test_sections"
+    """Fold records: ``library_id`` values of the fold's test spots."""
+    TRAIN_PARAMS: Final = "train_params"
+    """Fold records: JSON of the :func:`sthisto.tl.train` arguments that trained the fold's model."""
+    METRICS: Final = "metrics"
+    """Fold records: JSON ``{section: {metric: value}}`` of the fold's held-out sections."""

@@ -256,6 +256,7 @@ def cmd_train(args, progress: _Progress) -> int:
         "validation": _validation(args.validation),
         "n_members": args.n_members,
         "recipe": args.recipe,
+        "models_dir": args.models_dir,
     }
     defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0, "n_members": 1, "recipe": "paper"}
     kwargs = merge_params(options, defaults, parse_params(args.param))
@@ -400,7 +401,10 @@ def cmd_cross_validate(args, progress: _Progress) -> int:
     kwargs = merge_params(options, defaults, parse_params(args.param))
     kwargs = {k: v for k, v in kwargs.items() if k not in ("max_epochs", "validation", "device") or v is not None}
     kwargs.setdefault("progress", not args.quiet)
-    kwargs.setdefault("store_models", not args.no_store_models)
+    if args.no_store_models and args.store_weights:
+        raise UsageError("--no-store-models contradicts --store-weights; pass one (fold weights are off by default).")
+    kwargs.setdefault("store_weights", True if args.store_weights else None)
+    kwargs.setdefault("models_dir", args.models_dir)
     kwargs["overwrite"] = args.overwrite
     progress(f"reading {args.input}")
     adata = read_input(args.input)
@@ -582,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", help="write the AnnData with the stored model here (.h5ad or .zarr)")
     p.add_argument("--save-model", metavar="DIR", help="also save the model to this folder (manifest + safetensors)")
+    p.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help="keep the stored model's weights in DIR/KEY.safetensors instead of in the output AnnData",
+    )
     p.add_argument("--genes", help="comma-separated genes, @file with one gene per line, or a boolean var column")
     p.add_argument("--layer", help="train on this layer instead of normalising the raw counts in X")
     p.add_argument("--train-libraries", metavar="IDS", help="comma-separated library ids to train on (default all)")
@@ -677,7 +686,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-jobs", type=int, default=1, help="folds trained at once (worker processes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
-    p.add_argument("--no-store-models", action="store_true", help="keep fold manifests without weights")
+    p.add_argument(
+        "--store-weights",
+        action="store_true",
+        help="keep each fold's weights in the output AnnData (default: fold records without weights)",
+    )
+    p.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help="write each fold's weights to DIR/KEY/FOLD.safetensors, referenced with its SHA-256 by the record",
+    )
+    p.add_argument(
+        "--no-store-models",
+        action="store_true",
+        help="deprecated and now the default: fold records are kept without weights",
+    )
     p.add_argument("-o", "--output", help="write the AnnData with predictions and records here")
     p.add_argument("--table", metavar="CSV", help="write the tidy metrics table here")
     p.add_argument("--overwrite", action="store_true")

@@ -152,27 +152,38 @@ def load_model(path: str | Path) -> ExpressionModel:
     return model
 
 
-def model_from_record(record: Mapping[str, Any]):
-    """Rebuild a model from its ``uns['sthisto']['models'][key]`` record."""
+def model_from_record(record: Mapping[str, Any], *, models_dir: str | Path | None = None):
+    """Rebuild a model from its ``uns['sthisto']['models'][key]`` record.
+
+    The weights are in the record (safetensors bytes) or in the file it references, which is
+    looked up under ``models_dir`` when given (see :mod:`sthisto.io._weights_store`).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    from ._weights_store import read_weights_file, references_file
+
     where = "the stored model record"
-    if not isinstance(record, Mapping) or "manifest" not in record or "weights" not in record:
+    has_weights = isinstance(record, Mapping) and ("weights" in record or references_file(record))
+    if not isinstance(record, Mapping) or "manifest" not in record or not has_weights:
         raise InputError(
-            f"{where} is a {type(record).__name__} without 'manifest' and 'weights'; it was not written by "
-            f"sthisto.tl.train or was edited. Retrain the model, or store it again with model.to_record()."
+            f"{where} is a {type(record).__name__} without 'manifest' and 'weights' (or a weights file); it was "
+            f"not written by sthisto.tl.train or was edited. Retrain the model, or store it again with "
+            f"model.to_record()."
         )
     manifest = parse_json(record["manifest"], where=f"{where}'s manifest")
     cls, manifest = _check_manifest(manifest, where)
     model = cls.from_manifest(manifest)
-    try:
-        tensors = load(np.asarray(record["weights"], dtype=np.uint8).tobytes())
-    except (SafetensorError, OSError, ValueError, TypeError) as err:
-        raise InputError(
-            f"the weights of {where} are not valid safetensors bytes ({err}); the record was damaged. "
-            f"Retrain the model or load it from its saved folder with sthisto.io.load_model."
-        ) from err
+    if references_file(record):
+        tensors = read_weights_file(record, where=where, models_dir=models_dir)
+    else:
+        try:
+            tensors = load(np.asarray(record["weights"], dtype=np.uint8).tobytes())
+        except (SafetensorError, OSError, ValueError, TypeError) as err:
+            raise InputError(
+                f"the weights of {where} are not valid safetensors bytes ({err}); the record was damaged. "
+                f"Retrain the model or load it from its saved folder with sthisto.io.load_model."
+            ) from err
     _check_weights_shape(model, tensors, where, manifest)
     check_finite_tensors(tensors, where=where)
     model.load_all_state_tensors(tensors)

@@ -212,7 +212,7 @@ def _persist(adata, model, source, stored_key) -> None:
     from ._train import store_model
 
     if stored_key is not None:
-        store_model(adata, model, key_added=stored_key, overwrite=True)
+        store_model(adata, model, key_added=stored_key, overwrite=True, manifest_only=True)
     elif isinstance(source, (str, Path)) and Path(source).is_dir():
         from ..io._model import MANIFEST_FILE
 

@@ -32,7 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._anndata import check_record_writable, check_writable, record, sthisto_uns, write
-from .._constants import Layers, Obs, Uns, Var
+from .._constants import Layers, ModelRecord, Obs, Uns, Var
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._validate import checked_input
@@ -54,7 +54,8 @@ DEFAULT_SPOTS_FRACTION = 0.5
 
 # tl.train arguments cross_validate sets itself; passing them through **train_params is an error.
 _RESERVED = {"genes": "genes", "layer": "layer", "train_mask": "split/folds", "key_added": "key_added",
-             "seed": "seed", "store": "store_models", "overwrite": "overwrite"}  # fmt: skip
+             "seed": "seed", "store": "store_weights / models_dir", "models_dir": "models_dir",
+             "overwrite": "overwrite"}  # fmt: skip
 
 
 def _engine_arguments() -> set[str]:
@@ -93,7 +94,8 @@ class _Task:
     layer: str | None
     device: Any
     train_kwargs: dict
-    store_model: bool
+    store_weights: bool
+    weights_file: tuple[Path, str] | None = None
     calibration: np.ndarray | None = None
     uncertainty: str | None = None
     interval: float | None = None
@@ -359,6 +361,7 @@ def _fold_genes(adata, rule, fold: Fold) -> list[str]:
 
 # --- fitting one fold (in-process or in a worker) ---------------------------------------------------
 def _fit_task(adata, task: _Task) -> dict:
+    from ._stored_models import fold_record
     from ._train import train, weights_fields
 
     mask = np.zeros(adata.n_obs, dtype=bool)
@@ -381,10 +384,17 @@ def _fit_task(adata, task: _Task) -> dict:
         spread = _fold_spread(adata, model, task)
         predictions = spread.pop("mean")
     reference = model.predict(adata, task.reference, device=task.device) if task.reference is not None else None
-    if task.store_model:
-        model_record = model.to_record()
-    else:
-        model_record = {"manifest": json.dumps(model.manifest())}
+    libraries = library_ids(adata)
+    model_record = fold_record(
+        model,
+        fold=task.fold,
+        train_sections=sorted(set(libraries[task.train])),
+        test_sections=sorted(set(libraries[task.test])),
+        # what tl.train needs, besides genes and train_mask, to train this fold's model again
+        train_params={"method": task.method_name, "layer": task.layer, "seed": task.seed, **task.train_kwargs},
+        store_weights=task.store_weights,
+        weights_file=task.weights_file,
+    )
     return {
         "predictions": np.asarray(predictions, dtype=np.float32),
         "reference": None if reference is None else np.asarray(reference, dtype=np.float32),
@@ -550,7 +560,9 @@ def cross_validate(
     labels_key: str | None = None,
     evaluate_params: dict | None = None,
     method_params: dict[str, dict] | None = None,
-    store_models: bool = True,
+    store_weights: bool | None = None,
+    models_dir: str | Path | None = None,
+    store_models: bool | None = None,
     uncertainty: str | None = None,
     interval: float | None = None,
     calibration: str | float | None = None,
@@ -613,10 +625,18 @@ def cross_validate(
         the training ``seed``).
     method_params
         Per-method parameters, ``{method name: {param: value}}``, on top of ``train_params``.
+    store_weights
+        Keep each fold's weights in its record in ``uns`` (safetensors bytes). Default: no
+        weights; each fold's record keeps what was trained (manifest with method, parameters,
+        genes, recipe, history and weight provenance; training and test sections; the
+        :func:`sthisto.tl.train` arguments; held-out metrics), because a full network is
+        hundreds of MB per fold. With ``models_dir`` the weights go to files instead.
+    models_dir
+        Folder for the folds' weights: one safetensors file per fold,
+        ``<models_dir>/<key>/<fold>.safetensors``, referenced by the fold's record with its
+        SHA-256 (checked on loading). Existing files are refused unless ``overwrite=True``.
     store_models
-        Store each fold's model record (manifest + weights). ``False`` keeps manifests
-        (genes, parameters, training history) without weights — large networks times many
-        folds would otherwise make ``uns`` very large.
+        Deprecated: use ``store_weights``.
     uncertainty
         Spread of the out-of-fold predictions (see :func:`sthisto.tl.predict`), written to
         ``layers[f"{k}_std"]``; ``"ensemble"`` needs ``n_members=K`` (a :func:`sthisto.tl.train`
@@ -678,7 +698,11 @@ def cross_validate(
       (per fold: ``test`` units, spot counts, ``genes``, ``target``, ``target_layer``,
       ``seed``, ``device``, ``trained_on``, ``history`` as JSON, ``weights``,
       ``random_weights``, ``weights_provenance`` as JSON), ``weights`` / ``random_weights``
-      over the folds, ``models`` (per fold: ``model.to_record()``, or the manifest only),
+      over the folds, ``models`` (per fold: a record with ``manifest``, ``fold``,
+      ``train_sections``, ``test_sections``, ``train_params`` and ``metrics`` as JSON,
+      ``weights_stored`` = ``"none"`` / ``"uns"`` / ``"file"``, and the weights or the file's
+      ``weights_file``, ``weights_name``, ``weights_sha256``, ``weights_bytes``; rebuild a fold's
+      model with ``sthisto.tl.get_model(adata, k, fold=<fold>)``),
       ``table`` (this method's rows);
     - ``uns['sthisto']['evaluate'][k]``: the :func:`sthisto.tl.evaluate` result.
     - With a list: ``uns['sthisto']['cross_validate'][key_added]`` holds ``methods``,
@@ -691,8 +715,10 @@ def cross_validate(
     """
     from ..models._registry import resolve_method
     from ._evaluate import evaluate, group_metrics, metric_frames
+    from ._stored_models import fold_metrics, plan_fold_files, resolve_weights_option
 
     # ---- validate everything before any work --------------------------------------------------
+    keep_weights, models_dir = resolve_weights_option(store_weights, models_dir, store_models)
     methods = list(method) if isinstance(method, (list, tuple)) else [method]
     if not methods:
         raise InputError("method=[] is empty; pass a method name or a list of them.")
@@ -761,6 +787,13 @@ def cross_validate(
             check_writable(adata, "layers", Layers.companion(key, name), overwrite=overwrite)
     if not single:
         check_record_writable(adata, _FUNCTION, prefix, overwrite=overwrite)
+    weight_files = {}
+    if models_dir is not None:
+        weight_files = {
+            name: plan_fold_files(models_dir, key, [f.name for f in plan], overwrite=overwrite)
+            for name, key in keys.items()
+        }
+    existed = {path for files in weight_files.values() for path, _ in files.values() if path.exists()}
 
     # ---- gene sets (training spots only when a rule) -----------------------------------------
     for fold in plan:
@@ -794,14 +827,23 @@ def cross_validate(
                     layer=layer,
                     device=devices[0] if devices else device,
                     train_kwargs=fold_kwargs,
-                    store_model=bool(store_models),
+                    store_weights=keep_weights,
+                    weights_file=weight_files.get(name, {}).get(fold.name),
                     calibration=held,
                     uncertainty=uncertainty,
                     interval=interval,
                     n_samples=int(n_samples),
                 )
             )
-    results = _run_tasks(adata, tasks, n_jobs=int(n_jobs), devices=devices, progress=progress)
+    try:
+        results = _run_tasks(adata, tasks, n_jobs=int(n_jobs), devices=devices, progress=progress)
+    except BaseException:
+        # A failed run writes no record, so files of its finished folds would be orphans.
+        for files in weight_files.values():
+            for path, _ in files.values():
+                if path not in existed:
+                    path.unlink(missing_ok=True)
+        raise
 
     # ---- write outputs ------------------------------------------------------------------------
     fold_of = np.full(adata.n_obs, None, dtype=object)
@@ -901,6 +943,8 @@ def cross_validate(
         table.insert(0, "method", name)
         table = table.reset_index(drop=True)
         entry["table"] = table
+        for stored in entry["models"].values():
+            stored[ModelRecord.METRICS] = fold_metrics(table, stored[ModelRecord.TEST_SECTIONS])
         tables.append(table)
 
     combined = pd.concat(tables, ignore_index=True)

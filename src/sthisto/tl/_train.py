@@ -194,6 +194,7 @@ def train(
     precision: str | None = None,
     progress: bool = True,
     store: bool = True,
+    models_dir: str | Path | None = None,
     overwrite: bool = False,
     recipe: str = "paper",
     n_members: int = 1,
@@ -245,8 +246,13 @@ def train(
         Show Lightning's progress bar. (Formerly ``progress_bar=``, deprecated.)
     store
         Store the model record in ``uns['sthisto']['models'][key_added]``.
+    models_dir
+        Write the stored model's weights to ``<models_dir>/<key_added>.safetensors`` instead of
+        into ``uns``; the record then holds the manifest, the file's path and its SHA-256, which
+        :func:`get_model` / :func:`predict` check. Keeps an h5ad small; the file must travel
+        with it (or be found again with ``get_model(..., models_dir=)``).
     overwrite
-        Replace an existing stored model with the same key.
+        Replace an existing stored model with the same key (and its weights file).
     recipe
         How the network is optimised. ``"paper"`` (default): each paper's settings, unchanged.
         ``"small_data"``: the same architecture and loss, optimised to learn from few sections:
@@ -282,8 +288,10 @@ def train(
     -------
     The trained model (an :class:`~sthisto.models.ExpressionModel`). With ``store=True`` it
     also writes ``adata.uns['sthisto']['models'][key_added]``:
-    ``{'manifest': <JSON>, 'weights': <safetensors bytes as uint8>}``. The record survives
-    ``write_h5ad``/``read_h5ad`` and :func:`get_model` rebuilds an identical model from it.
+    ``{'manifest': <JSON>, 'weights': <safetensors bytes as uint8>}``, or with ``models_dir``
+    ``{'manifest', 'weights_stored': 'file', 'weights_file', 'weights_name', 'weights_sha256',
+    'weights_bytes'}``. The record survives ``write_h5ad``/``read_h5ad`` and :func:`get_model`
+    rebuilds an identical model from it.
 
     Examples
     --------
@@ -305,6 +313,13 @@ def train(
             f"adata.uns['sthisto']['models'][{key_added!r}] already exists. Pass overwrite=True to "
             f"replace it, or key_added='<new name>' to keep both."
         )
+    weights_file = None
+    if models_dir is not None:
+        if not store:
+            raise InputError("models_dir= holds the stored model's weights, but store=False stores none; drop one.")
+        from ._stored_models import train_weights_file
+
+        weights_file = train_weights_file(models_dir, key_added, overwrite=overwrite)
     from ..models._base import check_spots
 
     check_spots(adata)
@@ -405,7 +420,7 @@ def train(
     if model.network is not None:  # a diverged run must not be stored as a trained model
         check_finite_tensors(model.state_tensors(), where=f"the {model.name} model just trained")
     if store:
-        store_model(adata, model, key_added=key_added, overwrite=overwrite)
+        store_model(adata, model, key_added=key_added, overwrite=overwrite, weights_file=weights_file)
     return model
 
 
@@ -480,25 +495,46 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def store_model(adata, model, *, key_added: str, overwrite: bool = False) -> None:
-    """Write a model's record to ``adata.uns['sthisto']['models'][key_added]``."""
+def store_model(
+    adata, model, *, key_added: str, overwrite: bool = False, weights_file=None, manifest_only: bool = False
+) -> None:
+    """Write a model's record to ``adata.uns['sthisto']['models'][key_added]``.
+
+    ``weights_file``: ``(path, relative name)`` to write the weights to instead of ``uns``.
+    ``manifest_only``: the weights did not change (a calibration); a record whose weights are in
+    a file keeps its file and only gets the new manifest.
+    """
+    from ._stored_models import model_record, with_new_manifest
+
     models = sthisto_uns(adata).setdefault(Uns.MODELS, {})
     if key_added in models and not overwrite:
         raise InputError(f"adata.uns['sthisto']['models'][{key_added!r}] already exists; pass overwrite=True.")
-    models[key_added] = model.to_record()
+    updated = with_new_manifest(models[key_added], model) if manifest_only and key_added in models else None
+    models[key_added] = updated if updated is not None else model_record(model, weights_file=weights_file)
     logger.info("train: added uns['sthisto']['models'][%r]", key_added)
 
 
 @checked_input
-def get_model(adata: AnnData, key: str) -> ExpressionModel:
-    """Rebuild the model stored under ``adata.uns['sthisto']['models'][key]``.
+def get_model(
+    adata: AnnData, key: str, *, fold: str | None = None, models_dir: str | Path | None = None
+) -> ExpressionModel:
+    """Rebuild the model stored under ``adata.uns['sthisto']['models'][key]`` (or a fold's).
 
     Parameters
     ----------
     adata
         The AnnData a model was trained on (or any object carrying its record).
     key
-        The ``key_added`` of :func:`train`.
+        The ``key_added`` of :func:`train`; with ``fold``, the key of a
+        :func:`~sthisto.tl.cross_validate` run.
+    fold
+        Rebuild this fold's model of ``uns['sthisto']['cross_validate'][key]``. Possible only
+        when the run kept weights (``store_weights=True`` or ``models_dir=``); otherwise the
+        error says how to retrain the fold.
+    models_dir
+        Where the weights file of a record written with ``models_dir=`` is now (the folder was
+        moved): the file is looked up by its name relative to the original folder. The
+        file's SHA-256 is checked either way.
 
     Returns
     -------
@@ -506,13 +542,17 @@ def get_model(adata: AnnData, key: str) -> ExpressionModel:
     """
     from ..io._model import model_from_record
 
+    if fold is not None:
+        from ._stored_models import fold_model
+
+        return fold_model(adata, key, fold, models_dir=models_dir)
     models = adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {})
     if key not in models:
         raise MissingKeyError(
             f"no model stored under uns['sthisto']['models'][{key!r}] (stored: {sorted(models)}). "
             f"Train one with sthisto.tl.train(adata, ..., key_added={key!r}) or pass a model object or path."
         )
-    return model_from_record(models[key])
+    return model_from_record(models[key], models_dir=models_dir)
 
 
 def _resolve_model(adata, model):
