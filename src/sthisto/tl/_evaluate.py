@@ -260,6 +260,12 @@ def leiden_clusters(
             transformer="sklearn",  # exact neighbours: same graph on every machine
             random_state=seed,
         )
+        # Spots with identical embeddings (a method predicting a constant profile) give umap's
+        # membership 0/0 = NaN; they are as close as two spots can be, i.e. weight 1. leidenalg
+        # refuses NaN weights where igraph's flavour silently skipped them.
+        graph = tmp.obsp["connectivities"]
+        if np.isnan(graph.data).any():
+            graph.data = np.nan_to_num(graph.data, nan=1.0)
         sc.tl.leiden(
             tmp,
             resolution=float(resolution),
