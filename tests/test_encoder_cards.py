@@ -220,7 +220,7 @@ def test_list_encoders_shows_the_cards():
     table = list_encoders().set_index("name")
     assert {"description", "builtin", "output_dim", "param_count", "license", "gated", "pooling"} <= set(table.columns)
     assert table.loc["virchow2", "output_dim"] == 2560 and table.loc["virchow2", "pooling"] == "cls+mean_patch"
-    assert bool(table.loc["uni", "gated"]) and not bool(table.loc["hoptimus0", "gated"])
+    assert bool(table.loc["uni", "gated"]) and not bool(table.loc["phikon_v2", "gated"])
     assert table.loc["uni", "patch_size_um"] == pytest.approx(34.5)  # kept for backwards compatibility
     assert table.loc["conch_v1", "input_size"] == 448
 
@@ -239,3 +239,26 @@ def test_embed_by_card_name_uses_the_cards_field_of_view_and_records_the_weights
     assert np.isfinite(adata.obsm["X_lunit_vits8"]).all()
     with pytest.raises(InputError, match="no default field of view"):
         sthisto.pp.embed(adata, encoder="conch_v1", encoder_kwargs={"tiny": True}, progress=False)
+
+
+def test_committed_docs_table_matches_list_encoders():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "_scripts" / "encoder_table.py"
+    spec = importlib.util.spec_from_file_location("encoder_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = module.OUT.read_text(encoding="utf-8")
+    assert committed == module.render(), "docs table is stale: run python docs/_scripts/encoder_table.py"
+    assert "| `virchow2` | Virchow | 2560 |" in committed
+
+
+def test_card_lookup_by_name_and_unknown_name_lists_the_cards():
+    from sthisto.encoders import EncoderCard
+
+    assert EncoderCard.from_name("virchow2") is CARDS["virchow2"]
+    with pytest.raises(InputError, match="virchow2"):
+        EncoderCard.from_name("virchow3")
+    with pytest.raises(InputError, match="virchow2"):
+        get_encoder("virchow3")

@@ -147,6 +147,21 @@ class EncoderCard:
         if self.pooling not in POOLING_RULES:
             raise InputError(f"card {self.name!r}: pooling={self.pooling!r}; use one of {sorted(POOLING_RULES)}.")
 
+    @classmethod
+    def from_name(cls, name: str) -> EncoderCard:
+        """The card of the built-in encoder ``name``.
+
+        Parameters
+        ----------
+        name
+            A card name (see :func:`sthisto.encoders.list_encoders`).
+
+        Returns
+        -------
+        The :class:`EncoderCard`.
+        """
+        return get_card(name)
+
     @property
     def patch_size_um(self) -> float | None:
         """Field of view :func:`sthisto.pp.embed` uses when ``patch_size_um=None``."""
@@ -254,6 +269,7 @@ _card(
     gated=True,
     commercial_use=False,
     citation="Chen et al., Nat Med 2024 (UNI); UNI2-h model card, MahmoodLab 2025",
+    notes="Registers are prefix tokens without position embedding (no_embed_class); the class token is the embedding.",
 )
 _card(
     name="conch_v1",
@@ -291,7 +307,9 @@ _card(
         "Embedding = pooled image latent before the contrastive projection (HEST/TRIDENT use "
         "encode_image(proj_contrast=False, normalize=False)). Pre-training magnification is not "
         "a single published value (image–caption pairs from many sources): pass patch_size_um=. "
-        "Checkpoint keys are matched under 'visual.' in timm layout; any mismatch is reported key by key."
+        "The trunk (timm ViT-B/16 at 448 px, no LayerScale) follows the published config (width "
+        "768, patch 16, image 448); its key layout was not checked against the checkpoint, whose "
+        "'visual.' keys are matched strictly, any mismatch reported key by key."
     ),
     checkpoint_prefix="visual.",
     checkpoint_ignore=("attn_pool_caption.", "ln_caption.", "proj_contrast", "head."),
@@ -344,9 +362,12 @@ _card(
     param_count_source="published config (the paper's 632M)",
     license="Apache-2.0",
     gated=True,
-    commercial_use=True,
+    commercial_use=None,
     citation="Vorontsov et al., A foundation model for clinical-grade computational pathology, Nat Med 2024",
-    notes="Licence as stated on the hub model card; the gate's access terms apply on top of it.",
+    notes=(
+        "Apache-2.0 is the licence the hub model card states; the gate's access terms add conditions "
+        "of use, so commercial use is not asserted here — read them."
+    ),
 )
 _card(
     name="virchow2",
@@ -383,9 +404,10 @@ _card(
     param_count=1_134_774_272,
     param_count_source="published config (the model card's 1.1B)",
     license="Apache-2.0",
-    gated=False,
+    gated=True,
     commercial_use=True,
     citation="Saillard et al., H-optimus-0, Bioptimus 2024 (github.com/bioptimus/releases)",
+    notes="Gated with automatic approval: accept the terms on the hub once, then pass token=.",
 )
 _card(
     name="hoptimus1",
