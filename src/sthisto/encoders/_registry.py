@@ -158,8 +158,13 @@ def get_encoder(
     ----------
     spec
         * a registered name (:func:`list_encoders`): ``"handcrafted"`` (93 colour/texture
-          features, no weights), ``"uni"`` (ViT-L/16 configured like UNI), ``"histospace"``
-          (a HistoSPACE encoder trained by the package; pass ``module=`` or ``weights=``);
+          features, no weights), ``"histospace"`` (a HistoSPACE encoder trained by the
+          package; pass ``module=`` or ``weights=``), or a pathology foundation model by its
+          model card (``"uni"``, ``"uni2_h"``, ``"conch_v1"``, ``"conch_v1_5"``, ``"virchow"``,
+          ``"virchow2"``, ``"hoptimus0"``, ``"hoptimus1"``, ``"h0_mini"``, ``"gigapath"``,
+          ``"phikon"``, ``"phikon_v2"``, ``"hibou_b"``, ``"hibou_l"``, ``"ctranspath"``,
+          ``"lunit_vits8"``, ``"resnet50_imagenet"``): the card's architecture,
+          preprocessing, pooling and field of view;
         * any timm model name (``"resnet50"``, ``"timm:vit_small_patch16_224"``), random or
           with ``weights``;
         * a hub id ``"hf-hub:<org>/<name>"`` (timm format), downloaded with ``token``;
@@ -167,9 +172,11 @@ def get_encoder(
         * any callable ``(B, 3, H, W) float → (B, D)``; then ``input_size`` is required and
           ``mean``/``std`` default to ImageNet's on a 0–1 scale.
     weights
-        ``None``: random weights for timm models (seeded, logged as random). A local
-        checkpoint path (``.safetensors``, or a ``torch.save`` file read with
-        ``weights_only=True``), matched strictly. A hub id.
+        ``None``: random weights for timm models and cards (seeded, logged as random). A
+        local checkpoint path (``.safetensors``, or a ``torch.save`` file read with
+        ``weights_only=True``), matched strictly (missing and unexpected keys are listed). A
+        hub id, or ``"hub"`` for a card's own hub id (only the weight file is downloaded;
+        no hub code runs).
     token
         Hub access token (gated models such as UNI).
     seed
@@ -179,9 +186,10 @@ def get_encoder(
     input_size, mean, std, input_range, output_dim, pool, patch_size_um
         Override the preprocessing (see :class:`Encoder`); required for callables as noted.
     **kwargs
-        Passed to the factory: ``timm.create_model`` arguments for timm names (``depth=``,
-        ``img_size=``, ...), ``module=`` / ``pooling=`` for ``"histospace"``,
-        ``cache_dir=`` for hubs.
+        Passed to the factory: ``timm.create_model`` arguments for timm names and cards
+        (``depth=``, ``img_size=``, ...), ``tiny=True`` for a card's scaled-down network
+        (tests, demos), ``module=`` / ``pooling=`` for ``"histospace"``, ``cache_dir=`` /
+        ``revision=`` for hubs.
 
     Returns
     -------
@@ -190,6 +198,7 @@ def get_encoder(
     Examples
     --------
     >>> enc = get_encoder("uni", weights="/models/uni/pytorch_model.bin")
+    >>> enc = get_encoder("virchow2", weights="hub", token="hf_...")  # class token ⊕ mean patch token
     >>> enc = get_encoder("resnet18")  # random weights, logged as such
     >>> enc = get_encoder(my_net, input_size=112, mean=(0.5,) * 3, std=(0.5,) * 3)
     """
