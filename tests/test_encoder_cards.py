@@ -262,3 +262,25 @@ def test_card_lookup_by_name_and_unknown_name_lists_the_cards():
         EncoderCard.from_name("virchow3")
     with pytest.raises(InputError, match="virchow2"):
         get_encoder("virchow3")
+
+
+def test_card_weights_load_from_the_hub_cache_offline_and_are_fingerprinted(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    source = get_encoder("lunit_vits8", tiny=True, seed=8)
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "models--1aurent--vit_small_patch8_224.lunit_dino"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(snapshot / "model.safetensors"))
+    loaded = get_encoder("lunit_vits8", weights="hub", tiny=True, cache_dir=tmp_path)
+    assert loaded.weights_fingerprint == f"hub:1aurent/vit_small_patch8_224.lunit_dino@{commit}"
+    assert loaded.provenance["source"] == "hub" and loaded.provenance["revision"] == commit
+    assert len(loaded.provenance["sha256"]) == 64
+    patches = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
+    torch.testing.assert_close(loaded.encode(patches), source.encode(patches))

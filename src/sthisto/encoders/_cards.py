@@ -78,7 +78,10 @@ class EncoderCard:
     input_size
         Side in pixels of the images the network takes.
     interpolation
-        Resampling of the published preprocessing (``"bilinear"`` / ``"bicubic"``).
+        Resampling of the published preprocessing (``"bilinear"`` / ``"bicubic"``), used by
+        :meth:`Encoder.preprocess` for inputs of another size. :func:`sthisto.pp.embed` cuts
+        each crop at the image's µm/px and resamples it to ``input_size`` itself
+        (antialiased bilinear, for every encoder), so this matters for pre-cut patches.
     mean, std
         Normalisation of 0–1 scaled RGB.
     target_mpp

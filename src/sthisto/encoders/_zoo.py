@@ -381,24 +381,41 @@ def download_card_weights(
     from ._timm import _hub_error, _hub_offline
 
     repo_id = hub_id.removeprefix(HUB_PREFIX)
-    filename = card.hub_filename or "pytorch_model.bin"
+    # the card's file first; repositories often hold the other of the two common names instead
+    filenames = [card.hub_filename] if card.hub_filename else []
+    filenames += [name for name in ("model.safetensors", "pytorch_model.bin") if name not in filenames]
     try:
         import huggingface_hub
-        from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.utils import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError as err:  # pragma: no cover - huggingface_hub comes with timm
         raise _hub_error(hub_id, "huggingface_hub is not installed") from err
     offline = _hub_offline()
+    filename, path, last_error = filenames[0], None, None
     try:
-        path = huggingface_hub.hf_hub_download(
-            repo_id, filename, token=token, cache_dir=cache_dir, revision=revision, local_files_only=offline
-        )
+        for filename in filenames:
+            try:
+                path = huggingface_hub.hf_hub_download(
+                    repo_id, filename, token=token, cache_dir=cache_dir, revision=revision, local_files_only=offline
+                )
+                break
+            except EntryNotFoundError as err:  # includes LocalEntryNotFoundError: try the next name
+                last_error = err
+        if path is None:
+            raise last_error
     except GatedRepoError as err:
         raise _hub_error(hub_id, "the model is gated and the token (if any) has no access; accept its terms") from err
     except RepositoryNotFoundError as err:
         raise _hub_error(hub_id, "repository not found, or private and no valid token was given") from err
     except LocalEntryNotFoundError as err:
         where = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
-        raise _hub_error(hub_id, f"{where} and {filename} is not in the local cache") from err
+        raise _hub_error(hub_id, f"{where} and none of {filenames} is in the local cache") from err
+    except EntryNotFoundError as err:
+        raise _hub_error(hub_id, f"the repository has none of {filenames}") from err
     except (OSError, ValueError) as err:
         raise _hub_error(hub_id, f"{type(err).__name__}: {err}") from err
     return Path(path), Path(path).parent.name
