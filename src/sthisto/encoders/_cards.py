@@ -231,7 +231,7 @@ _card(
     tiny_kwargs=_VIT_TINY,
     hub_id="hf-hub:MahmoodLab/UNI",
     hub_filename="pytorch_model.bin",
-    interpolation="bilinear",
+    interpolation="bicubic",
     output_dim=1024,
     param_count=303_350_784,
     license="CC-BY-NC-ND-4.0",
@@ -240,7 +240,8 @@ _card(
     citation="Chen et al., Towards a general-purpose foundation model for computational pathology, Nat Med 2024",
     notes=(
         "pp.embed's default field of view stays HisToSGE's 34.5 µm (50 px at ≈0.69 µm/px) for "
-        "backwards compatibility; pass patch_size_um=112 for UNI's 224 px at 20×."
+        "backwards compatibility; pass patch_size_um=112 for UNI's 224 px at 20×. Resampling: "
+        "bicubic in the hub's timm configuration (the README's torchvision recipe resizes bilinearly)."
     ),
     default_patch_size_um=34.5,
 )
