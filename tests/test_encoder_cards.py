@@ -284,3 +284,19 @@ def test_card_weights_load_from_the_hub_cache_offline_and_are_fingerprinted(monk
     assert len(loaded.provenance["sha256"]) == 64
     patches = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
     torch.testing.assert_close(loaded.encode(patches), source.encode(patches))
+
+
+def test_position_embedding_saved_for_another_grid_is_resampled_on_loading(tmp_path, caplog):
+    # a CONCH v1.5 tower saved at 224 px (14 × 14 patches) loads into the card's 448 px network
+    small, _ = build_network("conch_v1_5", tiny=True, trunk_kwargs={"img_size": 224})
+    state = small.state_dict()
+    assert state["trunk.pos_embed"].shape == (1, 1 + 14 * 14, 1024)
+    path = tmp_path / "conch_v1_5.bin"
+    torch.save(state, path)
+    with caplog.at_level(logging.INFO, logger="sthisto"):
+        loaded = get_encoder("conch_v1_5", weights=path, tiny=True)
+    assert "resampled trunk.pos_embed from a 14×14 to a 28×28 patch grid" in caplog.text
+    assert loaded.model.trunk.pos_embed.shape == (1, 1 + 28 * 28, 1024)
+    torch.testing.assert_close(loaded.model.trunk.cls_token, small.trunk.cls_token)
+    features = loaded.encode(torch.randint(0, 256, (1, 3, 448, 448), dtype=torch.uint8))
+    assert features.shape == (1, 768)

@@ -346,8 +346,8 @@ _card(
     commercial_use=False,
     citation="Ding et al., Multimodal whole slide foundation model for pathology (TITAN), arXiv:2411.19666, 2024",
     notes=(
-        "Field of view: 448 px at 20× (0.5 µm/px). The published checkpoint's position embedding "
-        "is for a 224 px grid; a checkpoint of another grid size is reported as a shape mismatch."
+        "Field of view: 448 px at 20× (0.5 µm/px). A checkpoint whose position embedding was saved "
+        "for another grid (e.g. 224 px) is resampled to the 448 px grid on loading (logged)."
     ),
 )
 _card(

@@ -12,6 +12,7 @@ hub id of the card, downloaded with ``token=``; no code from a hub is ever run.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -360,10 +361,40 @@ def prepare_state(card: EncoderCard, state: Mapping[str, torch.Tensor], *, origi
     return state
 
 
+def _fit_position_embeddings(module: nn.Module, state: dict[str, torch.Tensor], *, origin: str) -> None:
+    """Resample absolute position embeddings saved for another image grid (in place).
+
+    Checkpoints are often saved at the pre-training grid (e.g. CONCH v1.5's 224 px) while the
+    card builds the network at its inference size (448 px); the patch grid is interpolated
+    (timm's ``resample_abs_pos_embed``), prefix tokens kept, and a log line says so.
+    """
+    expected = module.state_dict()
+    for key, value in list(state.items()):
+        if not key.endswith("pos_embed") or key not in expected:
+            continue
+        target = expected[key]
+        if value.shape == target.shape or value.ndim != 3 or value.shape[-1] != target.shape[-1]:
+            continue
+        owner = module.get_submodule(key.rpartition(".")[0]) if "." in key else module
+        grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None)
+        if grid is None:
+            continue
+        prefix = 0 if getattr(owner, "no_embed_class", False) else int(getattr(owner, "num_prefix_tokens", 1))
+        side = math.isqrt(value.shape[1] - prefix)
+        if side * side != value.shape[1] - prefix or target.shape[1] - prefix != grid[0] * grid[1]:
+            continue  # not a square grid of patches: left to the strict report
+        import_timm()
+        from timm.layers import resample_abs_pos_embed
+
+        state[key] = resample_abs_pos_embed(value, new_size=list(grid), old_size=[side, side], num_prefix_tokens=prefix)
+        logger.info("%s: resampled %s from a %d×%d to a %d×%d patch grid", origin, key, side, side, *grid)
+
+
 def load_card_weights(card: EncoderCard, module: nn.Module, path: str | os.PathLike, *, origin: str | None = None):
     """Read a checkpoint file and load it strictly into ``module`` (see :func:`prepare_state`)."""
     origin = origin or str(path)
     state = prepare_state(card, read_state_dict(path), origin=origin)
+    _fit_position_embeddings(module, state, origin=origin)
     expected = module.state_dict()
     state = {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v for k, v in state.items()}
     load_weights_strict(module, state, origin=origin)
