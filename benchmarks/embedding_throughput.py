@@ -1,12 +1,15 @@
 """Embedding throughput: patches/s and peak memory of sthisto.pp.embed against a naive per-patch loop.
 
-Three encoders, one code path (``Encoder.encode``: uint8 patches → device → normalise → model
-under ``torch.inference_mode``, bf16 autocast and channels-last on CUDA, pinned host memory):
+Three encoders from the registry's model cards (``sthisto.encoders.list_encoders()``), one code
+path (``Encoder.encode``: uint8 patches → device → normalise → model under
+``torch.inference_mode``, bf16 autocast and channels-last on CUDA, pinned host memory):
 
-* ``handcrafted`` — 93 colour/texture features, 112 px, no weights;
-* ``small CNN``   — the HistoSPACE encoder (3 conv blocks, 128 px, average-pooled 128-d) when
-  ``sthisto.models.histospace`` is present, otherwise an equivalent stand-alone CNN;
-* ``ViT-L/16``    — the ``"uni"`` preset with random weights (224 px, 1024-d class token).
+* ``handcrafted``       — 93 colour/texture features, 112 px, no weights;
+* ``resnet50_imagenet`` — HEST's CNN baseline (ResNet50 up to layer3, 224 px, 1024-d average
+  pool), random weights;
+* ``uni``               — ViT-L/16 (224 px, 1024-d class token), random weights.
+
+Any other card can be measured with ``--cards cnn=ctranspath,vit=virchow2``.
 
 For each encoder it measures
 
@@ -28,11 +31,11 @@ Run::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 
 import anndata as ad
@@ -40,11 +43,10 @@ import numpy as np
 import pandas as pd
 import psutil
 import torch
-from torch import nn
 
 import sthisto
 from sthisto._device import resolve_device
-from sthisto.encoders import Encoder, get_encoder
+from sthisto.encoders import Encoder, RandomWeightsWarning, get_encoder
 from sthisto.pp import PatchDataset, PatchSpec
 from sthisto.pp._embed import DEFAULT_BATCH_SIZE
 
@@ -81,29 +83,8 @@ def synthetic_slide(side: int, n_spots: int, seed: int = 0) -> ad.AnnData:
 
 
 # --------------------------------------------------------------------------- encoders
-class _StandInCNN(nn.Module):
-    """HistoSPACE-shaped encoder: 3 × [conv 3×3 → BN → ReLU → max-pool 2], 3 → 32 → 64 → 128."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers, width = [], 3
-        for out in (32, 64, 128):
-            layers += [nn.Conv2d(width, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
-            width = out
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def small_cnn() -> Encoder:
-    try:
-        histospace = importlib.import_module("sthisto.models.histospace")
-        return get_encoder("histospace", module=histospace.HistoSPACEAutoencoder())
-    except Exception:  # the HistoSPACE module is absent or changed: same architecture stand-in
-        return Encoder.from_module(
-            _StandInCNN(), name="small_cnn", input_size=128, mean=(0.5,) * 3, std=(0.5,) * 3, pool="avg"
-        )
+DEFAULT_CARDS = {"handcrafted": "handcrafted", "cnn": "resnet50_imagenet", "vit": "uni"}
+"""The three measured roles and the card measured in each (override with ``--cards``)."""
 
 
 # --------------------------------------------------------------------------- measurement
@@ -203,6 +184,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--num-workers", type=int, default=-1, help="-1: 0 on CPU, 8 on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
     parser.add_argument("--only", default="", help="comma-separated subset: handcrafted,cnn,vit")
+    parser.add_argument("--cards", default="", help="role=card overrides, e.g. cnn=ctranspath,vit=virchow2")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", default="", help="write the results to this JSON file too")
     args = parser.parse_args(argv)
@@ -227,17 +209,21 @@ def main(argv=None) -> list[dict]:
     adata = synthetic_slide(args.side, max(args.patches, args.vit_patches, args.naive))
     print(f"synthetic slide {args.side}² px, {adata.n_obs} spots ({time.perf_counter() - t0:.1f} s)")
 
+    cards = dict(DEFAULT_CARDS)
+    cards.update(dict(item.split("=", 1) for item in args.cards.split(",") if item))
+    # random weights are the point here (speed, not features): keep the output readable
+    warnings.simplefilter("ignore", RandomWeightsWarning)
     builders = {
-        "handcrafted": (lambda: get_encoder("handcrafted"), args.patches, args.batch_size, args.naive),
-        "cnn": (small_cnn, args.patches, args.batch_size, args.naive),
-        "vit": (lambda: get_encoder("uni"), args.vit_patches, args.vit_batch_size, max(2, args.naive // 16)),
+        "handcrafted": (cards["handcrafted"], args.patches, args.batch_size, args.naive),
+        "cnn": (cards["cnn"], args.patches, args.batch_size, max(2, args.naive // 4)),
+        "vit": (cards["vit"], args.vit_patches, args.vit_batch_size, max(2, args.naive // 16)),
     }
     chosen = [k for k in builders if not args.only or k in args.only.split(",")]
     results = []
     memory = PeakMemory()
     for key in chosen:
-        build, n, batch_size, n_naive = builders[key]
-        encoder = build()
+        card, n, batch_size, n_naive = builders[key]
+        encoder: Encoder = get_encoder(card)
         if encoder.patch_size_um is None:
             encoder = encoder.replace(patch_size_um=encoder.input_size * MICRONS_PER_PIXEL)
         encoder.to(device)
@@ -264,8 +250,8 @@ def main(argv=None) -> list[dict]:
         results.append(row)
         print(
             f"{row['encoder']:>12s} ({row['input_px']} px → {row['dim']}-d, {row['precision']}): "
-            f"model {row['model_patches_per_s']:8.1f}/s | pipeline {row['pipeline_patches_per_s']:8.1f}/s | "
-            f"naive {row['naive_patches_per_s']:7.1f}/s | pipeline/naive ×{row['pipeline_over_naive']:.1f} | "
+            f"model {row['model_patches_per_s']:8.3g}/s | pipeline {row['pipeline_patches_per_s']:8.3g}/s | "
+            f"naive {row['naive_patches_per_s']:7.3g}/s | pipeline/naive ×{row['pipeline_over_naive']:.1f} | "
             f"peak RSS {row['pipeline_peak_rss_mb']:.0f} MB"
             + (f", CUDA {row['pipeline_peak_cuda_mb']:.0f} MB" if on_gpu else ""),
             flush=True,

@@ -11,6 +11,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "get_encoder": "._registry",
         "register_encoder": "._registry",
         "list_encoders": "._registry",
+        "EncoderCard": "._cards",
+        "POOLING_RULES": "._cards",
         "UNI_HUB_ID": "._registry",
         "HISTOSGE_PATCH_UM": "._registry",
         "HEST_PATCH_UM": "._registry",

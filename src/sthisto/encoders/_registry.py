@@ -11,6 +11,7 @@ import torch
 
 from .._errors import InputError
 from .._logging import logger
+from ._cards import CARDS, EncoderCard
 from ._encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder
 from ._handcrafted import HANDCRAFTED_FEATURE_NAMES, HandcraftedFeatures
 from ._timm import HUB_PREFIX, check_local_weights, hub_encoder, is_timm_model, timm_encoder
@@ -38,6 +39,7 @@ class _Entry:
     factory: Factory
     description: str
     builtin: bool
+    card: EncoderCard | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -73,24 +75,65 @@ def register_encoder(name: str, factory: Factory, *, description: str = "", over
     _REGISTRY[name] = _Entry(factory, description, builtin=False)
 
 
-def _register_builtin(name: str, factory: Factory, description: str) -> None:
-    _REGISTRY[name] = _Entry(factory, description, builtin=True)
+def _register_builtin(name: str, factory: Factory, description: str | None = None) -> None:
+    card = CARDS.get(name)
+    _REGISTRY[name] = _Entry(factory, description or (card.description if card else ""), builtin=True, card=card)
+
+
+CARD_COLUMNS = (
+    "family",
+    "output_dim",
+    "param_count",
+    "param_count_source",
+    "architecture",
+    "hub_id",
+    "weights_format",
+    "input_size",
+    "interpolation",
+    "mean",
+    "std",
+    "target_mpp",
+    "fov_um",
+    "patch_size_um",
+    "pooling",
+    "license",
+    "gated",
+    "commercial_use",
+    "citation",
+    "notes",
+)
+"""Model-card columns of :func:`list_encoders`, after ``name``, ``description``, ``builtin``."""
 
 
 def list_encoders() -> pd.DataFrame:
-    """Registered encoders.
+    """Registered encoders with their model cards.
 
     Returns
     -------
-    :class:`pandas.DataFrame` with columns ``name``, ``description``, ``builtin``. Besides
-    these, :func:`get_encoder` accepts any timm model name, ``hf-hub:`` ids and callables.
+    :class:`pandas.DataFrame`, one row per registered name: ``name``, ``description``,
+    ``builtin``, then the model card (:data:`CARD_COLUMNS`: family, output dimension, parameter
+    count and its source, architecture, hub id, checkpoint format, input size, resampling,
+    mean/std, training µm/px and field of view, ``pp.embed``'s default ``patch_size_um``,
+    pooling rule, licence, gated, commercial use, citation, notes). Encoders registered without
+    a card have ``None`` there. Besides these names, :func:`get_encoder` accepts any timm model
+    name, ``hf-hub:`` ids and callables.
+
+    Examples
+    --------
+    >>> table = list_encoders()
+    >>> table.loc[table["gated"] == False, ["name", "output_dim", "license"]]  # noqa: E712
     """
     import pandas as pd
 
-    rows = [
-        {"name": name, "description": entry.description, "builtin": entry.builtin} for name, entry in _REGISTRY.items()
-    ]
-    return pd.DataFrame(rows, columns=["name", "description", "builtin"])
+    rows = []
+    for name, entry in _REGISTRY.items():
+        row = {"name": name, "description": entry.description, "builtin": entry.builtin}
+        card = entry.card
+        for column in CARD_COLUMNS:
+            row[column] = None if card is None else getattr(card, column)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["name", "description", "builtin", *CARD_COLUMNS])
+    return table.astype({"output_dim": "Int64", "param_count": "Int64", "input_size": "Int64"})
 
 
 def get_encoder(
@@ -115,8 +158,13 @@ def get_encoder(
     ----------
     spec
         * a registered name (:func:`list_encoders`): ``"handcrafted"`` (93 colour/texture
-          features, no weights), ``"uni"`` (ViT-L/16 configured like UNI), ``"histospace"``
-          (a HistoSPACE encoder trained by the package; pass ``module=`` or ``weights=``);
+          features, no weights), ``"histospace"`` (a HistoSPACE encoder trained by the
+          package; pass ``module=`` or ``weights=``), or a pathology foundation model by its
+          model card (``"uni"``, ``"uni2_h"``, ``"conch_v1"``, ``"conch_v1_5"``, ``"virchow"``,
+          ``"virchow2"``, ``"hoptimus0"``, ``"hoptimus1"``, ``"h0_mini"``, ``"gigapath"``,
+          ``"phikon"``, ``"phikon_v2"``, ``"hibou_b"``, ``"hibou_l"``, ``"ctranspath"``,
+          ``"lunit_vits8"``, ``"resnet50_imagenet"``): the card's architecture,
+          preprocessing, pooling and field of view;
         * any timm model name (``"resnet50"``, ``"timm:vit_small_patch16_224"``), random or
           with ``weights``;
         * a hub id ``"hf-hub:<org>/<name>"`` (timm format), downloaded with ``token``;
@@ -124,9 +172,11 @@ def get_encoder(
         * any callable ``(B, 3, H, W) float → (B, D)``; then ``input_size`` is required and
           ``mean``/``std`` default to ImageNet's on a 0–1 scale.
     weights
-        ``None``: random weights for timm models (seeded, logged as random). A local
-        checkpoint path (``.safetensors``, or a ``torch.save`` file read with
-        ``weights_only=True``), matched strictly. A hub id.
+        ``None``: random weights for timm models and cards (seeded, logged as random). A
+        local checkpoint path (``.safetensors``, or a ``torch.save`` file read with
+        ``weights_only=True``), matched strictly (missing and unexpected keys are listed). A
+        hub id, or ``"hub"`` for a card's own hub id (only the weight file is downloaded;
+        no hub code runs).
     token
         Hub access token (gated models such as UNI).
     seed
@@ -136,9 +186,10 @@ def get_encoder(
     input_size, mean, std, input_range, output_dim, pool, patch_size_um
         Override the preprocessing (see :class:`Encoder`); required for callables as noted.
     **kwargs
-        Passed to the factory: ``timm.create_model`` arguments for timm names (``depth=``,
-        ``img_size=``, ...), ``module=`` / ``pooling=`` for ``"histospace"``,
-        ``cache_dir=`` for hubs.
+        Passed to the factory: ``timm.create_model`` arguments for timm names and cards
+        (``depth=``, ``img_size=``, ...), ``tiny=True`` for a card's scaled-down network
+        (tests, demos), ``module=`` / ``pooling=`` for ``"histospace"``, ``cache_dir=`` /
+        ``revision=`` for hubs.
 
     Returns
     -------
@@ -147,6 +198,7 @@ def get_encoder(
     Examples
     --------
     >>> enc = get_encoder("uni", weights="/models/uni/pytorch_model.bin")
+    >>> enc = get_encoder("virchow2", weights="hub", token="hf_...")  # class token ⊕ mean patch token
     >>> enc = get_encoder("resnet18")  # random weights, logged as such
     >>> enc = get_encoder(my_net, input_size=112, mean=(0.5,) * 3, std=(0.5,) * 3)
     """
@@ -237,14 +289,24 @@ def _handcrafted(*, weights=None, token=None, seed=0, input_size: int = 112) -> 
 def _uni(*, weights=None, token=None, seed=0, **model_kwargs) -> Encoder:
     # UNI is a timm ViT-L/16 with LayerScale (init 1e-5), 1024-d class token, ImageNet mean/std.
     # timm's own pretrained_cfg for vit_large_patch16_224 says mean/std 0.5, hence the override.
-    kwargs = {"init_values": 1e-5, "dynamic_img_size": True, **model_kwargs}
+    # Hub ids keep going through hub_encoder (timm-format config.json), as before the cards.
+    card = CARDS["uni"]
+    kwargs = {key: value for key, value in card.model_kwargs.items() if key not in ("img_size", "patch_size")}
+    kwargs.update(model_kwargs)
+    if weights == "hub":
+        weights = card.hub_id
     if weights is not None and str(weights).startswith(HUB_PREFIX):
         encoder = hub_encoder(str(weights), token=token, name="uni", **kwargs)
     else:
         check_local_weights(weights)
-        encoder = timm_encoder("vit_large_patch16_224", weights=weights, seed=seed, name="uni", **kwargs)
+        encoder = timm_encoder(card.architecture, weights=weights, seed=seed, name="uni", **kwargs)
     return encoder.replace(
-        input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_range="0-1", patch_size_um=HISTOSGE_PATCH_UM
+        input_size=card.input_size,
+        mean=card.mean,
+        std=card.std,
+        input_range="0-1",
+        interpolation=card.interpolation,
+        patch_size_um=card.patch_size_um,
     )
 
 
@@ -288,21 +350,23 @@ def _histospace(*, weights=None, token=None, seed=0, module=None, pooling: str =
     )
 
 
-_register_builtin(
-    "handcrafted",
-    _handcrafted,
-    "93 colour/texture features (squidpy summary, histogram, GLCM texture definitions); no weights, offline",
-)
-_register_builtin(
-    "uni",
-    _uni,
-    "ViT-L/16 configured like UNI (1024-d class token, 224 px, ImageNet mean/std); weights: None (random), "
-    f"a local checkpoint, or '{UNI_HUB_ID}' with token=",
-)
-_register_builtin(
-    "histospace",
-    _histospace,
-    "HistoSPACE autoencoder's encoder trained by sthisto (128 px, inputs in [-1, 1]); pass module= or weights=",
-)
+def _card_factory(card: EncoderCard) -> Factory:
+    def factory(*, weights=None, token=None, seed=0, **kwargs) -> Encoder:
+        from ._zoo import card_encoder
+
+        if weights is not None and weights != "hub":
+            check_local_weights(weights)
+        return card_encoder(card, weights=weights, token=token, seed=seed, **kwargs)
+
+    factory.__name__ = f"{card.name}_factory"
+    return factory
+
+
+_register_builtin("handcrafted", _handcrafted)
+_register_builtin("uni", _uni)
+_register_builtin("histospace", _histospace)
+for _name, _card in CARDS.items():
+    if _name not in _REGISTRY:
+        _register_builtin(_name, _card_factory(_card))
 
 logger.debug("encoder registry ready: %s", sorted(_REGISTRY))

@@ -110,14 +110,17 @@ def embed(
         AnnData in the sthisto convention (``obs['library_id']``, ``obsm['spatial']``,
         ``uns['spatial'][library_id]`` with images and ``microns_per_pixel``).
     encoder
-        A registered name (``"handcrafted"``, ``"uni"``, ...; see
-        :func:`sthisto.encoders.list_encoders`), a timm model name, an ``hf-hub:`` id, an
+        A registered name (``"handcrafted"``, ``"uni"``, ``"virchow2"``, ``"conch_v1"``, ...:
+        the model cards of :func:`sthisto.encoders.list_encoders`, whose preprocessing and
+        pooling are used), a timm model name, an ``hf-hub:`` id, an
         :class:`sthisto.encoders.Encoder`, or a callable — anything
         :func:`sthisto.encoders.get_encoder` accepts.
     patch_size_um
-        Side of the field of view in µm. Default: the encoder's own (``Encoder.patch_size_um``):
-        112 µm for ``"handcrafted"`` (HEST-Benchmark: 224 px at 0.5 µm/px) and 34.5 µm for
-        ``"uni"`` (HisToSGE: a 50 px crop at her2st's ≈0.69 µm/px).
+        Side of the field of view in µm. Default: the encoder's own (``Encoder.patch_size_um``;
+        for a card, its ``fov_um``: the input size at the µm/px it was trained at, cut from
+        each image at that image's µm/px): 112 µm for ``"handcrafted"`` (HEST-Benchmark: 224
+        px at 0.5 µm/px) and most 224 px cards, 34.5 µm for ``"uni"`` (HisToSGE: a 50 px
+        crop at her2st's ≈0.69 µm/px, kept for backwards compatibility).
     image_key
         Image to cut from: ``None`` is the full-resolution image; another key (``"hires"``, or
         the key written by stain normalisation) uses that image.
