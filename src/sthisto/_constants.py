@@ -171,3 +171,9 @@ class Synthetic:
     """``uns['sthisto']`` key of the generator's parameters."""
     SOURCE: Final = "sthisto.datasets.synthetic"
     """``metadata['source']`` of synthetic sections."""
+
+
+MANIFEST_FORMAT: Final = "sthisto-model"
+"""``format`` of a saved model's manifest (``manifest.json``, ``uns['sthisto']['models']`` records)."""
+MANIFEST_VERSION: Final = 1
+"""Manifest format version this sthisto writes; it reads this version and older ones."""

@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "ExpressionModel": "._base",
         "HGGEFNet": ".hggef",
         "HisToSGENet": ".histosge",
+        "histosge_features": ".histosge",
         "HistoSPACEAutoencoder": ".histospace",
         "HistoSPACERegressor": ".histospace",
         "RidgeBaseline": ".ridge",

@@ -19,14 +19,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._constants import Obs, Obsm, Uns
+from .._constants import MANIFEST_FORMAT, MANIFEST_VERSION, Obs, Obsm, Uns
 from .._errors import InputError, MissingKeyError
 from .._logging import logger
 from .._validate import check_grid_extent
 from ..pp._patches import PatchDataset, PatchSpec, library_ids, spot_coordinates
 
-MANIFEST_FORMAT = "sthisto-model"
-MANIFEST_VERSION = 1
 _MEMBER_PREFIX = "member"
 
 # Keys of the data/training parameter groups every method understands; methods extend them.
@@ -839,7 +837,7 @@ class ExpressionModel:
     # --- persistence -------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         """JSON-serialisable description from which the model is rebuilt (without weights)."""
-        from .. import __version__
+        from .._about import __version__
 
         return {
             "format": MANIFEST_FORMAT,

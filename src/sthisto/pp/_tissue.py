@@ -224,8 +224,7 @@ def low_resolution_image(adata, library: str, level) -> tuple[np.ndarray, float,
         raise MissingKeyError(
             f"library {library!r} has no image {level!r} (it has {sorted(images)}); pass level=None or one of those."
         )
-    from .._images import image_source
-    from ..io._image import _block_reduce
+    from .._images import _block_reduce, image_source
 
     source = image_source(adata, library)
     height, width = source.source.shape
@@ -234,7 +233,8 @@ def low_resolution_image(adata, library: str, level) -> tuple[np.ndarray, float,
 
 
 def _pyramid_level(metadata: dict, level: int, library: str) -> tuple[np.ndarray, float, str]:
-    from ..io._image import _block_reduce, _TiffSlide
+    from .._images import _block_reduce
+    from ..io._image import _TiffSlide
 
     path = metadata.get(Metadata.IMAGE_PATH)
     levels = metadata.get(Metadata.PYRAMID_LEVELS)
@@ -291,7 +291,7 @@ def compute_mask(
     from skimage.filters import threshold_otsu
     from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
 
-    from ..io._image import _block_reduce
+    from .._images import _block_reduce
 
     factor = max(1, int(MASK_MICRONS_PER_PIXEL // microns_per_pixel))
     if factor > 1:

@@ -616,7 +616,7 @@ def predict(
     ``adata.obsm`` (kept so that other models reuse them). For a SpatialData table + shapes
     pass the result to :func:`sthisto.io.to_spatialdata`.
     """
-    from ._calibrate import choose_calibration, decode_quantiles, interval_bounds
+    from ._intervals import choose_calibration, decode_quantiles, interval_bounds
     from ._uncertainty import check_mode, check_supported, predictive
 
     fitted, stored_key = _resolve_model(adata, model)
