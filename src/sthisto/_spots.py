@@ -1,4 +1,4 @@
-"""Per-spot accessors every layer reads: section labels and centres.
+"""Per-spot accessors every layer reads: section labels, centres, grid positions.
 
 Each returns the values checked, or raises an error that says how to fix the data.
 """
@@ -47,3 +47,28 @@ def library_ids(adata) -> np.ndarray:
             f"section, or drop them: adata = adata[adata.obs['library_id'].notna()].copy()."
         )
     return column.astype(str).to_numpy()
+
+
+def grid_positions(adata) -> np.ndarray:
+    """Integer grid coordinates ``(n_obs, 2)``, columns (x, y) = (array_col, array_row)."""
+    missing = [k for k in (Obs.ARRAY_COL, Obs.ARRAY_ROW) if k not in adata.obs]
+    if missing:
+        raise MissingKeyError(
+            f"adata.obs lacks {missing}: this method embeds integer grid positions. Readers set "
+            f"them; for your own data add obs['array_col'] / obs['array_row'] (integers from 0)."
+        )
+    values = adata.obs[[Obs.ARRAY_COL, Obs.ARRAY_ROW]].to_numpy()
+    if not np.isfinite(values.astype(float)).all():
+        raise InputError("obs['array_col'] / obs['array_row'] contain NaN; every spot needs grid coordinates.")
+    if (values.astype(float) != np.round(values.astype(float))).any():
+        raise InputError("obs['array_col'] / obs['array_row'] must be integers (grid indices), not pixels.")
+    values = values.astype(np.int64)
+    if len(values) and values.min() < 0:
+        raise InputError("obs['array_col'] / obs['array_row'] contain negative values; shift them to start at 0.")
+    return values
+
+
+def pd_unique(values: np.ndarray) -> list:
+    """Unique values in order of first appearance."""
+    _, first = np.unique(values, return_index=True)
+    return [values[i] for i in np.sort(first)]

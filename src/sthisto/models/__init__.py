@@ -8,7 +8,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "create": "._registry",
         "list_models": "._registry",
         "register_method": "._registry",
-        "ExpressionModel": "._base",
+        "ExpressionModel": "._protocol",
         "HGGEFNet": ".hggef",
         "HisToSGENet": ".histosge",
         "histosge_features": ".histosge",

@@ -326,7 +326,8 @@ def histosge_features(
 # -- the registered method ---------------------------------------------------------------------
 from typing import Any  # noqa: E402
 
-from ._base import ExpressionModel, Section  # noqa: E402
+from ._planning import Section  # noqa: E402
+from ._protocol import ExpressionModel  # noqa: E402
 from ._registry import register_method  # noqa: E402
 from .layers.sequences import SpotSequences  # noqa: E402
 

@@ -459,7 +459,7 @@ from typing import Any  # noqa: E402
 
 from .._constants import ScaleFactors  # noqa: E402
 from .._logging import logger  # noqa: E402
-from ._base import ExpressionModel  # noqa: E402
+from ._protocol import ExpressionModel  # noqa: E402
 from ._registry import register_method  # noqa: E402
 
 DEFAULT_PATCH_UM = 55.0

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from numpy.typing import ArrayLike
 
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
 DEFAULT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 """Coverage levels calibrated by default (besides ``1 - alpha``): the calibration curve's points."""

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from numpy.typing import ArrayLike
 
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
 SELECTED_GENES_KEY = "sthisto_selected"
 """Default ``var`` column written by :func:`sthisto.pp.select_genes`; ``train`` uses it when present."""
@@ -299,7 +299,7 @@ def train(
             f"adata.uns['sthisto']['models'][{key_added!r}] already exists. Pass overwrite=True to "
             f"replace it, or key_added='<new name>' to keep both."
         )
-    from ..models._base import check_spots
+    from ..models._protocol import check_spots
 
     check_spots(adata)
     chosen_genes = _resolve_genes(adata, genes)
@@ -511,7 +511,7 @@ def get_model(adata: AnnData, key: str) -> ExpressionModel:
 
 def _resolve_model(adata, model):
     from ..io._model import load_model
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
     if isinstance(model, ExpressionModel):
         check_finite_tensors(model.state_tensors(), where=f"the {model.name} model passed")
