@@ -296,9 +296,10 @@ def tissue_mask(rgb: np.ndarray, *, od_threshold: float = 0.15) -> np.ndarray:
     -------
     Boolean array of the image's leading shape.
     """
-    intensity = np.asarray(rgb)[..., :3]
-    # OD > t  ⇔  I < 255 · 10^(−t): compare intensities, no logarithm per pixel.
-    return (intensity.min(axis=-1).astype(np.float32) < 255.0 * 10.0 ** (-od_threshold)).astype(bool)
+    from ..pp._tissue import tissue_pixels
+
+    # The package's one tissue definition, with the rule this sampler always used.
+    return tissue_pixels(rgb, rule="od10_any_channel", threshold=od_threshold)[0]
 
 
 class TissueTileSampler:
