@@ -185,14 +185,17 @@ def test_extra_features_and_histosge_descriptor():
     purple = _is_purple(adata)
     assert extra[purple, 2].max() + 40 < extra[~purple, 2].min()
 
-    descriptor = sthisto.pp.histosge_features(adata, "X_feat")
+    descriptor = sthisto.models.histosge_features(adata, "X_feat")
     assert descriptor.shape == (adata.n_obs, 3 + 5) and descriptor.dtype == np.float32
     np.testing.assert_allclose(descriptor[:, :3], adata.obsm["X_feat"])
     np.testing.assert_allclose(descriptor[:, 5:], extra[:, 2:] / 255.0, rtol=1e-6)
     assert descriptor[:, 3:5].min() >= 0 and descriptor[:, 3:5].max() <= 1  # coordinates scaled per section
     sthisto.pp.embed(adata, encoder=encoder, key_added="X_plain")
     with pytest.raises(MissingKeyError, match="extra_features"):
-        sthisto.pp.histosge_features(adata, "X_plain")
+        sthisto.models.histosge_features(adata, "X_plain")
+    with pytest.warns(FutureWarning, match="moved to sthisto.models.histosge_features"):
+        old_name = sthisto.pp.histosge_features
+    assert old_name is sthisto.models.histosge_features
 
 
 def test_copy_returns_new_object_and_leaves_input_alone():

@@ -19,9 +19,9 @@ from torch import nn
 import sthisto
 from sthisto._errors import InputError
 from sthisto.datasets import synthetic_he_image
+from sthisto.engine._neighbourhoods import neighbourhoods
 from sthisto.io._image import _write_pyramidal_tiff
 from sthisto.models import ExpressionModel
-from sthisto.models._base import neighbourhoods
 from sthisto.models._registry import _METHODS, register_method
 from sthisto.models.layers.position import GridPositionEmbedding
 from sthisto.pp._patches import PatchDataset

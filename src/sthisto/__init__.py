@@ -47,17 +47,6 @@ _SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "models", "encoders", "engine
 __all__ = ["__version__", "settings", *_SUBMODULES]
 
 
-def _version_from_metadata() -> str:
-    # importlib.metadata scans every installed distribution, which is slow; only a source tree
-    # without _version.py gets here, and only when the version is asked for.
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sthisto")
-    except PackageNotFoundError:
-        return "0.0.0"
-
-
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
@@ -66,7 +55,9 @@ def __getattr__(name: str):
 
         return settings
     if name == "__version__":
-        globals()["__version__"] = value = _version_from_metadata()
+        from ._about import __version__ as value
+
+        globals()["__version__"] = value
         return value
     raise AttributeError(f"module 'sthisto' has no attribute {name!r}")
 

@@ -204,3 +204,9 @@ class ModelRecord:
     """Fold records: JSON of the :func:`sthisto.tl.train` arguments that trained the fold's model."""
     METRICS: Final = "metrics"
     """Fold records: JSON ``{section: {metric: value}}`` of the fold's held-out sections."""
+
+
+MANIFEST_FORMAT: Final = "sthisto-model"
+"""``format`` of a saved model's manifest (``manifest.json``, ``uns['sthisto']['models']`` records)."""
+MANIFEST_VERSION: Final = 1
+"""Manifest format version this sthisto writes; it reads this version and older ones."""

@@ -31,6 +31,13 @@ PAD_VALUE = 255
 """Fill value for pixels outside the image: white, like the glass around tissue."""
 
 
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".ndpi", ".scn", ".bif")
+"""TIFF containers read through tifffile (vendor formats get their scale from tiffslide, see ``io/_slides``)."""
+
+_BLOCK = 64
+"""Thumbnail pixels per side produced from one block of the full-resolution level."""
+
+
 def check_image_array(array, *, what: str = "image") -> None:
     """Raise :class:`InputError` unless ``array`` is an RGB image sthisto can read.
 
@@ -201,6 +208,44 @@ def _direct_tiff_level(array, path):
     return level if tuple(level.shape) == tuple(array.shape) and level.dtype == array.dtype else array
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header without decoding pixels."""
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].levels[0].shape
+                axes = tif.series[0].levels[0].axes
+            return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # H&E slides are legitimately huge
+        with Image.open(path) as img:
+            width, height = img.size
+        return int(height), int(width)
+    except Exception as err:
+        raise InputError(f"could not read the image file {str(path)!r}: {err}. Is it a valid JPEG/PNG/TIFF?") from err
+
+
+def _block_reduce(level, step: int) -> np.ndarray:
+    """Box average over ``step × step`` pixels, read one block of at most ``max(64·step, 1024)²`` pixels at a time."""
+    height, width = int(level.shape[0]), int(level.shape[1])
+    out_h, out_w = -(-height // step), -(-width // step)
+    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    side = max(_BLOCK, -(-1024 // step)) * step
+    for y0 in range(0, height, side):
+        for x0 in range(0, width, side):
+            block = np.asarray(level[y0 : y0 + side, x0 : x0 + side, :3], dtype=np.float32)
+            bh, bw = block.shape[:2]
+            oh, ow = -(-bh // step), -(-bw // step)
+            if (oh * step, ow * step) != (bh, bw):  # image edge: repeat the last row/column
+                block = np.pad(block, ((0, oh * step - bh), (0, ow * step - bw), (0, 0)), mode="edge")
+            reduced = block.reshape(oh, step, ow, step, 3).mean(axis=(1, 3))
+            out[y0 // step : y0 // step + oh, x0 // step : x0 // step + ow] = np.clip(np.rint(reduced), 0, 255)
+    return out
+
+
 def open_image_file(path: str | Path) -> ImageSource:
     """Open an image file for region reads; TIFFs stay lazy, JPEG/PNG decode once and are cached."""
     path = Path(path)
@@ -209,8 +254,6 @@ def open_image_file(path: str | Path) -> ImageSource:
             f"image file {str(path)!r} does not exist. If the data moved, update "
             f"uns['spatial'][library_id]['metadata']['image_path'] to its new location."
         )
-    from .io._common import TIFF_SUFFIXES
-
     if path.suffix.lower() in TIFF_SUFFIXES:
         try:
             return ImageSource(_open_tiff(str(path)))

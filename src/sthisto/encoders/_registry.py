@@ -44,6 +44,20 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {}
 
+# Encoders that a method defines and registers itself (its module calls ``register_encoders()``
+# when imported). The registry imports that module by name on first request, so the encoders
+# layer never imports the methods' code (see the import layers in docs/architecture.md).
+_PROVIDED_BY: dict[str, str] = {"histospace": "sthisto.models.histospace"}
+
+
+def _load_provided(name: str | None = None) -> None:
+    """Import the module registering ``name`` (every provider for ``None``) unless it is registered."""
+    import importlib
+
+    for provided, module in _PROVIDED_BY.items():
+        if (name is None or name == provided) and provided not in _REGISTRY:
+            importlib.import_module(module).register_encoders()
+
 
 def register_encoder(name: str, factory: Factory, *, description: str = "", overwrite: bool = False) -> None:
     """Register a named encoder so that ``get_encoder(name)`` and ``pp.embed(encoder=name)`` find it.
@@ -70,6 +84,7 @@ def register_encoder(name: str, factory: Factory, *, description: str = "", over
         raise InputError(f"encoder name {name!r} must be a non-empty string not starting with 'hf-hub:' or 'timm:'.")
     if not callable(factory):
         raise InputError(f"factory for {name!r} must be callable and return an Encoder.")
+    _load_provided(name)
     if name in _REGISTRY and not overwrite:
         raise InputError(f"encoder {name!r} is already registered; pass overwrite=True to replace it.")
     _REGISTRY[name] = _Entry(factory, description, builtin=False)
@@ -125,6 +140,7 @@ def list_encoders() -> pd.DataFrame:
     """
     import pandas as pd
 
+    _load_provided()
     rows = []
     for name, entry in _REGISTRY.items():
         row = {"name": name, "description": entry.description, "builtin": entry.builtin}
@@ -220,10 +236,12 @@ def get_encoder(
         return spec.replace(**overrides) if overrides else spec
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
+    if isinstance(spec, str):
+        _load_provided(spec)
     if not isinstance(spec, str):
         if not callable(spec):
             raise InputError(
-                f"encoder={spec!r} is neither a name nor a callable. Use one of {sorted(_REGISTRY)}, a timm model "
+                f"encoder={spec!r} is neither a name nor a callable. Use one of {sorted({*_REGISTRY, *_PROVIDED_BY})}, a timm model "
                 f"name, 'hf-hub:<org>/<name>', or a callable (B, 3, H, W) → (B, D)."
             )
         if weights is not None or kwargs:
@@ -257,7 +275,7 @@ def get_encoder(
         encoder = timm_encoder(spec, weights=weights, token=token, seed=seed, **kwargs)
     else:
         raise InputError(
-            f"unknown encoder {spec!r}. Registered encoders: {sorted(_REGISTRY)}; also accepted: any timm model "
+            f"unknown encoder {spec!r}. Registered encoders: {sorted({*_REGISTRY, *_PROVIDED_BY})}; also accepted: any timm model "
             f"name (timm.list_models('<pattern>')), 'hf-hub:<org>/<name>', or a callable (B, 3, H, W) → (B, D)."
         )
     if output_dim is not None and output_dim != encoder.output_dim:
@@ -310,46 +328,6 @@ def _uni(*, weights=None, token=None, seed=0, **model_kwargs) -> Encoder:
     )
 
 
-def _histospace(*, weights=None, token=None, seed=0, module=None, pooling: str = "mean") -> Encoder:
-    from ..models import histospace
-
-    if module is None and weights is None:
-        raise InputError(
-            "the 'histospace' encoder is trained by sthisto on your slides: pass module= (a trained "
-            "HistoSPACEAutoencoder or HistoSPACEEncoder) or weights= (the path of its saved state dict)."
-        )
-    if module is None:
-        from ._checkpoint import file_fingerprint, load_weights_strict, read_state_dict
-
-        state = read_state_dict(weights)
-        has_decoder = any(k.startswith("decoder.") for k in state)
-        module = histospace.HistoSPACEAutoencoder() if has_decoder else histospace.HistoSPACEEncoder()
-        load_weights_strict(module, state, origin=str(weights))
-        description, fingerprint = str(weights), file_fingerprint(weights)
-    else:
-        description, fingerprint = None, None
-    network = histospace.HistoSPACEFeatureExtractor(module, pooling=pooling, patch_size=HISTOSPACE_TILE_PX)
-    options = {"weights_fingerprint": fingerprint} if fingerprint else {}
-    if description is not None:
-        from ._provenance import weights_provenance
-
-        options["provenance"] = weights_provenance("file", path=weights)
-    # The network scales uint8 itself but takes float input as already in [-1, 1]: 0–1 scale,
-    # mean 0.5, std 0.5 gives exactly that.
-    return Encoder.from_module(
-        network,
-        name="histospace",
-        input_size=HISTOSPACE_TILE_PX,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        input_range="0-1",
-        output_dim=network.out_features,
-        weights=description,
-        channels_last=True,
-        **options,
-    )
-
-
 def _card_factory(card: EncoderCard) -> Factory:
     def factory(*, weights=None, token=None, seed=0, **kwargs) -> Encoder:
         from ._zoo import card_encoder
@@ -364,9 +342,8 @@ def _card_factory(card: EncoderCard) -> Factory:
 
 _register_builtin("handcrafted", _handcrafted)
 _register_builtin("uni", _uni)
-_register_builtin("histospace", _histospace)
 for _name, _card in CARDS.items():
-    if _name not in _REGISTRY:
+    if _name not in _REGISTRY and _name not in _PROVIDED_BY:
         _register_builtin(_name, _card_factory(_card))
 
 logger.debug("encoder registry ready: %s", sorted(_REGISTRY))

@@ -29,7 +29,7 @@ import lightning.pytorch as pl  # noqa: E402
 from .._device import lightning_accelerator  # noqa: E402
 from .._errors import InputError  # noqa: E402
 from .._logging import logger  # noqa: E402
-from ..pp._patches import library_ids  # noqa: E402
+from .._spots import library_ids  # noqa: E402
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 

@@ -9,12 +9,10 @@ import numpy as np
 
 from .._constants import Metadata, Uns
 from .._errors import InputError
+from .._images import TIFF_SUFFIXES, image_size  # the readers import both from here
 
 HIRES_MAX_SIDE = 2000
 """Longest side of the plotting image readers store as ``images['hires']`` (scanpy's size)."""
-
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".ndpi", ".scn", ".bif")
-"""TIFF containers read through tifffile (vendor formats get their scale from tiffslide, see ``_slides``)."""
 
 
 def existing_dir(path, *, what: str) -> Path:
@@ -44,26 +42,6 @@ def names_list(value, *, what: str) -> list[str] | None:
     if duplicates:
         raise InputError(f"{what} lists {duplicates} more than once; give each name once.")
     return names
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header without decoding pixels."""
-    try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                shape = tif.series[0].levels[0].shape
-                axes = tif.series[0].levels[0].axes
-            return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = None  # H&E slides are legitimately huge
-        with Image.open(path) as img:
-            width, height = img.size
-        return int(height), int(width)
-    except Exception as err:
-        raise InputError(f"could not read the image file {str(path)!r}: {err}. Is it a valid JPEG/PNG/TIFF?") from err
 
 
 def thumbnail(path: Path, max_side: int = HIRES_MAX_SIDE) -> tuple[np.ndarray, float]:

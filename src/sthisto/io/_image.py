@@ -24,6 +24,7 @@ import pandas as pd
 from .._anndata import record
 from .._constants import Images, Metadata, Obs, Obsm, ScaleFactors, Uns
 from .._errors import InputError
+from .._images import _block_reduce
 from .._logging import logger
 from ._common import HIRES_MAX_SIDE, TIFF_SUFFIXES, image_size, thumbnail
 from ._slides import check_supported, vendor_mpp
@@ -40,8 +41,6 @@ PLAUSIBLE_MPP = (0.01, 50.0)
 """µm/px read from file metadata outside this range is ignored: 72/96/300 dpi defaults of
 image software (350, 265, 85 µm/px) are not microscope resolutions."""
 SOURCE = "sthisto.io.read_image"
-_BLOCK = 64
-"""Thumbnail pixels per side produced from one block of the full-resolution level."""
 _UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
@@ -371,24 +370,6 @@ def _channels(shape, axes: str) -> int:
         if axis in axes:
             return int(shape[axes.index(axis)])
     return 1
-
-
-def _block_reduce(level, step: int) -> np.ndarray:
-    """Box average over ``step × step`` pixels, read one block of at most ``max(64·step, 1024)²`` pixels at a time."""
-    height, width = int(level.shape[0]), int(level.shape[1])
-    out_h, out_w = -(-height // step), -(-width // step)
-    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
-    side = max(_BLOCK, -(-1024 // step)) * step
-    for y0 in range(0, height, side):
-        for x0 in range(0, width, side):
-            block = np.asarray(level[y0 : y0 + side, x0 : x0 + side, :3], dtype=np.float32)
-            bh, bw = block.shape[:2]
-            oh, ow = -(-bh // step), -(-bw // step)
-            if (oh * step, ow * step) != (bh, bw):  # image edge: repeat the last row/column
-                block = np.pad(block, ((0, oh * step - bh), (0, ow * step - bw), (0, 0)), mode="edge")
-            reduced = block.reshape(oh, step, ow, step, 3).mean(axis=(1, 3))
-            out[y0 // step : y0 // step + oh, x0 // step : x0 // step + ow] = np.clip(np.rint(reduced), 0, 255)
-    return out
 
 
 def _tiff_mpp(tif) -> tuple[list[tuple[float, str]], str]:

@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .._constants import MANIFEST_FORMAT, MANIFEST_VERSION
 from .._errors import InputError, KeyExistsError, MissingKeyError
 from .._logging import logger
+from .._method_registry import resolve_method
 from .._validate import check_finite_tensors, manifest_fields, parse_json
-
-if TYPE_CHECKING:
-    from ..models._base import ExpressionModel
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -49,8 +48,6 @@ def save_model(model, path: str | Path, *, overwrite: bool = False) -> Path:
 
 def check_replaceable(path: Path) -> None:
     """Raise unless ``path`` holds exactly a saved sthisto model (so overwriting it loses nothing else)."""
-    from ..models._base import MANIFEST_FORMAT
-
     others = sorted(p.name for p in path.iterdir() if p.name not in (MANIFEST_FILE, WEIGHTS_FILE))
     manifest_path = path / MANIFEST_FILE
     manifest = None
@@ -69,9 +66,7 @@ def check_replaceable(path: Path) -> None:
 
 
 def _check_manifest(manifest: Mapping[str, Any], where: str):
-    from .. import __version__
-    from ..models._base import MANIFEST_FORMAT, MANIFEST_VERSION
-    from ..models._registry import resolve_method
+    from .._about import __version__
 
     manifest = manifest_fields(manifest, where=where)
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -110,7 +105,7 @@ def _check_weights_shape(model, tensors: Mapping[str, Any], where: str, manifest
         )
 
 
-def load_model(path: str | Path) -> ExpressionModel:
+def load_model(path: str | Path) -> Any:
     """Load a model saved with ``model.save(path)``.
 
     Checks the manifest (format, package version, method, genes) and that the weights fit the
@@ -124,7 +119,8 @@ def load_model(path: str | Path) -> ExpressionModel:
 
     Returns
     -------
-    The model, predicting exactly as when it was saved.
+    The model (an :class:`~sthisto.models.ExpressionModel`; annotated ``Any`` because model files
+    sit below the methods in the import layers), predicting exactly as when it was saved.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -577,8 +577,8 @@ def to_spatialdata(
 
 
 def _check_convertible(adata, library_ids, region_key: str, instance_key: str) -> list[str]:
-    from ..pp._patches import library_ids as spot_libraries
-    from ..pp._patches import spot_coordinates
+    from .._spots import library_ids as spot_libraries
+    from .._spots import spot_coordinates
 
     spot_coordinates(adata)
     present = list(pd.unique(spot_libraries(adata)))

@@ -772,7 +772,7 @@ def hggef_loss(
 # -- the registered method ---------------------------------------------------------------------
 from typing import Any  # noqa: E402
 
-from ._base import ExpressionModel  # noqa: E402
+from ._protocol import ExpressionModel  # noqa: E402
 from ._registry import register_method  # noqa: E402
 
 HER2ST_PATCH_UM = 77.0

@@ -261,11 +261,73 @@ def paper_features(
     return np.concatenate([embeddings, scaled, rgb_mean / 255.0], axis=1).astype(np.float32)
 
 
-# -- the registered method ---------------------------------------------------------------------
+# -- the paper's descriptor from pp.embed's output ----------------------------------------------
 from collections.abc import Mapping  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from .._constants import Obs, Uns  # noqa: E402
+from .._errors import MissingKeyError  # noqa: E402
+from ..pp._embed import EXTRA_FEATURES, FUNCTION, extra_key  # noqa: E402
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def histosge_features(
+    adata: AnnData, key: str = "X_uni", *, frame: Mapping[str, Sequence[float]] | None = None
+) -> np.ndarray:
+    """HisToSGE's paper descriptor: the embedding with the spot's coordinates and RGB mean appended.
+
+    Needs ``pp.embed(..., key_added=key, extra_features=("coords", "rgb_mean"))`` (any order).
+    The five values are appended as :func:`sthisto.models.histosge.paper_features` defines
+    them: coordinates rescaled per section to [0, 1] (``(c - origin) / extent``, raw pixels
+    would swamp features of order one), RGB means divided by 255. A 1024-d UNI embedding
+    becomes 1029-d.
+
+    Parameters
+    ----------
+    adata
+        AnnData embedded by :func:`sthisto.pp.embed`.
+    key
+        ``obsm`` key of the embedding.
+    frame
+        Per-section coordinate scaling (:func:`sthisto.models.histosge.coordinate_frame`);
+        default: computed from these spots. Pass the training spots' frame for new spots.
+
+    Returns
+    -------
+    float32 ``(n_obs, D + 5)``: ``[features..., x, y, R, G, B]``.
+    """
+    if key not in adata.obsm:
+        raise MissingKeyError(f"adata.obsm[{key!r}] is missing; run sthisto.pp.embed(adata, ..., key_added={key!r}).")
+    records = adata.uns.get(Uns.STHISTO, {}).get(FUNCTION, {})
+    columns = [str(c) for c in np.atleast_1d(records.get(key, {}).get("extra_columns", []))]
+    if not columns:  # extras computed on their own, beside features made elsewhere (embed_extras)
+        columns = [str(c) for c in np.atleast_1d(records.get(extra_key(key), {}).get("extra_columns", []))]
+    needed = [*EXTRA_FEATURES["coords"], *EXTRA_FEATURES["rgb_mean"]]
+    if extra_key(key) not in adata.obsm or not set(needed) <= set(columns):
+        raise MissingKeyError(
+            f"obsm[{extra_key(key)!r}] with coordinates and RGB means is missing; re-run "
+            f"sthisto.pp.embed(adata, ..., key_added={key!r}, extra_features=('coords', 'rgb_mean'), overwrite=True)."
+        )
+    extra = np.asarray(adata.obsm[extra_key(key)])
+    coords = extra[:, [columns.index(c) for c in EXTRA_FEATURES["coords"]]]
+    rgb = extra[:, [columns.index(c) for c in EXTRA_FEATURES["rgb_mean"]]]
+    embedded = np.isfinite(coords).all(axis=1)
+    if not embedded.all():
+        raise InputError(
+            f"{int((~embedded).sum())} spots have no embedding (their library was left out of pp.embed); "
+            f"subset to the embedded spots first: adata[np.isfinite(adata.obsm[{key!r}]).all(axis=1)]."
+        )
+    groups = adata.obs[Obs.LIBRARY_ID].astype(str).to_numpy()
+    return paper_features(np.asarray(adata.obsm[key]), coords, rgb, groups=groups, frame=frame)
+
+
+# -- the registered method ---------------------------------------------------------------------
 from typing import Any  # noqa: E402
 
-from ._base import ExpressionModel, Section  # noqa: E402
+from ._planning import Section  # noqa: E402
+from ._protocol import ExpressionModel  # noqa: E402
 from ._registry import register_method  # noqa: E402
 from .layers.sequences import SpotSequences  # noqa: E402
 
@@ -341,7 +403,6 @@ class HisToSGE(ExpressionModel):
         """Paper variant: embedding ‖ coordinates ‖ RGB mean; reference: the embedding."""
         if not data.get("extra_features"):
             return np.asarray(adata.obsm[data["features_key"]], dtype=np.float32)
-        from ..pp._embed import histosge_features
         from ..pp._patches import library_ids, spot_coordinates
 
         if frames is not None:  # keep the training frame for its sections, new ones get their own

@@ -297,9 +297,10 @@ def tissue_mask(rgb: np.ndarray, *, od_threshold: float = 0.15) -> np.ndarray:
     -------
     Boolean array of the image's leading shape.
     """
-    intensity = np.asarray(rgb)[..., :3]
-    # OD > t  ⇔  I < 255 · 10^(−t): compare intensities, no logarithm per pixel.
-    return (intensity.min(axis=-1).astype(np.float32) < 255.0 * 10.0 ** (-od_threshold)).astype(bool)
+    from ..pp._tissue import tissue_pixels
+
+    # The package's one tissue definition, with the rule this sampler always used.
+    return tissue_pixels(rgb, rule="od10_any_channel", threshold=od_threshold)[0]
 
 
 class TissueTileSampler:
@@ -460,7 +461,7 @@ from typing import Any  # noqa: E402
 
 from .._constants import ScaleFactors  # noqa: E402
 from .._logging import logger  # noqa: E402
-from ._base import ExpressionModel  # noqa: E402
+from ._protocol import ExpressionModel  # noqa: E402
 from ._registry import register_method  # noqa: E402
 
 DEFAULT_PATCH_UM = 55.0
@@ -720,3 +721,58 @@ class HistoSPACE(ExpressionModel):
     def loss(self, outputs: dict[str, Any], batch: dict[str, Any]):
         """Huber loss with δ = 1."""
         return histospace_loss(outputs["prediction"], batch["target"])
+
+
+# -- the encoder this method registers (sthisto.encoders.get_encoder("histospace")) ------------
+from ..encoders._encoder import Encoder  # noqa: E402
+from ..encoders._registry import HISTOSPACE_TILE_PX, _register_builtin  # noqa: E402
+
+
+def _histospace(*, weights=None, token=None, seed=0, module=None, pooling: str = "mean") -> Encoder:
+    if module is None and weights is None:
+        raise InputError(
+            "the 'histospace' encoder is trained by sthisto on your slides: pass module= (a trained "
+            "HistoSPACEAutoencoder or HistoSPACEEncoder) or weights= (the path of its saved state dict)."
+        )
+    if module is None:
+        from ..encoders._checkpoint import file_fingerprint, load_weights_strict, read_state_dict
+
+        state = read_state_dict(weights)
+        has_decoder = any(k.startswith("decoder.") for k in state)
+        module = HistoSPACEAutoencoder() if has_decoder else HistoSPACEEncoder()
+        load_weights_strict(module, state, origin=str(weights))
+        description, fingerprint = str(weights), file_fingerprint(weights)
+    else:
+        description, fingerprint = None, None
+    network = HistoSPACEFeatureExtractor(module, pooling=pooling, patch_size=HISTOSPACE_TILE_PX)
+    options = {"weights_fingerprint": fingerprint} if fingerprint else {}
+    if description is not None:
+        from ..encoders._provenance import weights_provenance
+
+        options["provenance"] = weights_provenance("file", path=weights)
+    # The network scales uint8 itself but takes float input as already in [-1, 1]: 0–1 scale,
+    # mean 0.5, std 0.5 gives exactly that.
+    return Encoder.from_module(
+        network,
+        name="histospace",
+        input_size=HISTOSPACE_TILE_PX,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        input_range="0-1",
+        output_dim=network.out_features,
+        weights=description,
+        channels_last=True,
+        **options,
+    )
+
+
+def register_encoders() -> None:
+    """Register the ``"histospace"`` encoder; the encoder registry calls this on first request."""
+    _register_builtin(
+        "histospace",
+        _histospace,
+        "HistoSPACE autoencoder's encoder trained by sthisto (128 px, inputs in [-1, 1]); pass module= or weights=",
+    )
+
+
+register_encoders()

@@ -344,7 +344,7 @@ class RidgeBaseline:
 
 # -- the registered method ---------------------------------------------------------------------
 # Imported here, below the estimator, so the estimator stays usable without the model machinery.
-from ._base import ExpressionModel  # noqa: E402
+from ._protocol import ExpressionModel  # noqa: E402
 from ._registry import register_method  # noqa: E402
 
 
@@ -468,7 +468,7 @@ class Ridge(ExpressionModel):
 
 
 class _FeatureSection:
-    """Minimal stand-in for :class:`~sthisto.models._base.Section` holding features only."""
+    """Minimal stand-in for :class:`~sthisto.models._planning.Section` holding features only."""
 
     def __init__(self, features: np.ndarray) -> None:
         import torch

@@ -468,7 +468,7 @@ class THItoGeneNet(nn.Module):
 
 
 # -- the registered method ---------------------------------------------------------------------
-from ._base import ExpressionModel  # noqa: E402
+from ._protocol import ExpressionModel  # noqa: E402
 from ._registry import register_method  # noqa: E402
 
 HER2ST_PATCH_UM = 77.0

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
 
 def _as_history(value) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 
 from .._lazy import lazy_exports
 
-__getattr__, __dir__, __all__ = lazy_exports(
+_exported_getattr, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "PatchSpec": "._patches",
@@ -15,9 +15,25 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "knn_edge_index": "._graph",
         "stain_normalize": "._stain",
         "embed": "._embed",
-        "histosge_features": "._embed",
         "tissue_mask": "._tissue",
         "tile": "._tile",
         "pool": "._pool",
     },
 )
+
+
+def __getattr__(name: str):
+    if name == "histosge_features":
+        # Moved with its method (preprocessing must not import the methods); the old name still
+        # works for a deprecation period, resolved by name so that no pp module imports models.
+        import importlib
+        import warnings
+
+        warnings.warn(
+            "sthisto.pp.histosge_features moved to sthisto.models.histosge_features; "
+            "the old name will be removed in a future release.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module("sthisto.models.histosge").histosge_features
+    return _exported_getattr(name)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._anndata import check_record_writable, check_writable, maybe_copy, record, write
-from .._constants import Obs, Uns
+from .._constants import Uns
 from .._errors import InputError, KeyExistsError, MissingKeyError, NoImageError
 from .._images import has_image
 from .._logging import logger
@@ -144,7 +144,7 @@ def embed(
         Per-spot values computed in the same patch pass and written to
         ``obsm[f"{key_added}_extra"]``: ``"coords"`` (spot centre x, y in full-resolution
         pixels) and/or ``"rgb_mean"`` (mean R, G, B, 0–255, of the patch the encoder saw).
-        HisToSGE's paper descriptor is built from them by :func:`histosge_features`.
+        HisToSGE's paper descriptor is built from them by :func:`sthisto.models.histosge_features`.
     libraries
         Embed only these libraries' spots; the others get NaN rows. Default: all (every
         library must then have an image).
@@ -606,55 +606,3 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def histosge_features(
-    adata: AnnData, key: str = "X_uni", *, frame: Mapping[str, Sequence[float]] | None = None
-) -> np.ndarray:
-    """HisToSGE's paper descriptor: the embedding with the spot's coordinates and RGB mean appended.
-
-    Needs ``pp.embed(..., key_added=key, extra_features=("coords", "rgb_mean"))`` (any order).
-    The five values are appended as :func:`sthisto.models.histosge.paper_features` defines
-    them: coordinates rescaled per section to [0, 1] (``(c - origin) / extent``, raw pixels
-    would swamp features of order one), RGB means divided by 255. A 1024-d UNI embedding
-    becomes 1029-d.
-
-    Parameters
-    ----------
-    adata
-        AnnData embedded by :func:`embed`.
-    key
-        ``obsm`` key of the embedding.
-    frame
-        Per-section coordinate scaling (:func:`sthisto.models.histosge.coordinate_frame`);
-        default: computed from these spots. Pass the training spots' frame for new spots.
-
-    Returns
-    -------
-    float32 ``(n_obs, D + 5)``: ``[features..., x, y, R, G, B]``.
-    """
-    from ..models.histosge import paper_features
-
-    if key not in adata.obsm:
-        raise MissingKeyError(f"adata.obsm[{key!r}] is missing; run sthisto.pp.embed(adata, ..., key_added={key!r}).")
-    records = adata.uns.get(Uns.STHISTO, {}).get(FUNCTION, {})
-    columns = [str(c) for c in np.atleast_1d(records.get(key, {}).get("extra_columns", []))]
-    if not columns:  # extras computed on their own, beside features made elsewhere (embed_extras)
-        columns = [str(c) for c in np.atleast_1d(records.get(extra_key(key), {}).get("extra_columns", []))]
-    needed = [*EXTRA_FEATURES["coords"], *EXTRA_FEATURES["rgb_mean"]]
-    if extra_key(key) not in adata.obsm or not set(needed) <= set(columns):
-        raise MissingKeyError(
-            f"obsm[{extra_key(key)!r}] with coordinates and RGB means is missing; re-run "
-            f"sthisto.pp.embed(adata, ..., key_added={key!r}, extra_features=('coords', 'rgb_mean'), overwrite=True)."
-        )
-    extra = np.asarray(adata.obsm[extra_key(key)])
-    coords = extra[:, [columns.index(c) for c in EXTRA_FEATURES["coords"]]]
-    rgb = extra[:, [columns.index(c) for c in EXTRA_FEATURES["rgb_mean"]]]
-    embedded = np.isfinite(coords).all(axis=1)
-    if not embedded.all():
-        raise InputError(
-            f"{int((~embedded).sum())} spots have no embedding (their library was left out of pp.embed); "
-            f"subset to the embedded spots first: adata[np.isfinite(adata.obsm[{key!r}]).all(axis=1)]."
-        )
-    groups = adata.obs[Obs.LIBRARY_ID].astype(str).to_numpy()
-    return paper_features(np.asarray(adata.obsm[key]), coords, rgb, groups=groups, frame=frame)

@@ -8,9 +8,10 @@ from typing import Literal
 
 import numpy as np
 
-from .._constants import Obs, Obsm
-from .._errors import InputError, MissingKeyError
+from .._constants import Obs
+from .._errors import InputError
 from .._images import LibraryImage, image_source
+from .._spots import library_ids, spot_coordinates  # also imported from here by the layers above
 
 
 @dataclass(frozen=True)
@@ -52,44 +53,6 @@ class PatchSpec:
     def to_dict(self) -> dict:
         """Plain-dict form for manifests."""
         return asdict(self)
-
-
-def spot_coordinates(adata) -> np.ndarray:
-    """Return ``obsm['spatial']`` as a float (n_obs, 2) array of (x, y), checking it."""
-    if Obsm.SPATIAL not in adata.obsm:
-        raise MissingKeyError(
-            "adata.obsm['spatial'] is missing: spot centres (x, y) in full-resolution pixels are "
-            "needed to cut patches. Read the data with a sthisto.io reader or set it yourself."
-        )
-    coords = np.asarray(adata.obsm[Obsm.SPATIAL], dtype=float)
-    if coords.ndim != 2 or coords.shape[1] < 2:
-        raise InputError(f"adata.obsm['spatial'] has shape {coords.shape}; expected (n_obs, 2) columns (x, y).")
-    if not np.isfinite(coords[:, :2]).all():
-        bad = int((~np.isfinite(coords[:, :2])).any(axis=1).sum())
-        raise InputError(
-            f"adata.obsm['spatial'] has {bad} spots with NaN or infinite coordinates; drop them "
-            f"(adata = adata[np.isfinite(adata.obsm['spatial']).all(axis=1)].copy()) or fix them."
-        )
-    return coords[:, :2]
-
-
-def library_ids(adata) -> np.ndarray:
-    """Return ``obs['library_id']`` as strings, or raise a clear error."""
-    if Obs.LIBRARY_ID not in adata.obs:
-        raise MissingKeyError(
-            "adata.obs['library_id'] is missing: sthisto needs to know the section of every spot. "
-            "For a single section: adata.obs['library_id'] = pd.Categorical(['<name>'] * adata.n_obs)."
-        )
-    column = adata.obs[Obs.LIBRARY_ID]
-    missing = column.isna().to_numpy()
-    if missing.any():
-        # astype(str) would file these spots under a section literally named 'nan'.
-        names = adata.obs_names[missing][:5].tolist()
-        raise InputError(
-            f"{int(missing.sum())} spots have no obs['library_id'] (NaN, e.g. {names}). Assign each spot its "
-            f"section, or drop them: adata = adata[adata.obs['library_id'].notna()].copy()."
-        )
-    return column.astype(str).to_numpy()
 
 
 class PatchDataset:

@@ -160,9 +160,14 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 
 
 def tissue_mask(rgb: np.ndarray, od_threshold: float = OD_THRESHOLD) -> np.ndarray:
-    """True for pixels whose optical density exceeds ``od_threshold`` in every channel."""
-    od = _od_planes(_planes(rgb))
-    return (od[0] > od_threshold) & (od[1] > od_threshold) & (od[2] > od_threshold)
+    """True for pixels whose optical density exceeds ``od_threshold`` in every channel.
+
+    The ``"od_every_channel"`` rule of :func:`sthisto.pp._tissue.tissue_pixels`, where every
+    tissue definition of the package lives.
+    """
+    from ._tissue import tissue_pixels
+
+    return tissue_pixels(rgb, rule="od_every_channel", threshold=od_threshold)[0]
 
 
 def tissue_weight(rgb: np.ndarray, od_threshold: float = OD_THRESHOLD) -> np.ndarray:
@@ -385,8 +390,10 @@ def fit_stain_parameters(
             )
         params["luminosity_percentile_value"] = lightness
         planes = _preprocess(planes, {"luminosity_percentile_value": lightness})
+    from ._tissue import tissue_pixels
+
     od = _od_planes(planes)
-    tissue = (od[0] > od_threshold) & (od[1] > od_threshold) & (od[2] > od_threshold)
+    tissue, _ = tissue_pixels(_stack(planes, dtype=planes[0].dtype), rule="od_every_channel", threshold=od_threshold)
     if tissue.sum() < _MIN_TISSUE_PIXELS:
         raise InputError(
             f"{what} has only {int(tissue.sum())} tissue pixels (optical density > {od_threshold} in "

@@ -270,7 +270,7 @@ def _positive(name: str, value) -> float:
 
 def full_resolution_shape(adata, library: str) -> tuple[int, int]:
     """(height, width) of a library's full-resolution image, from an array or the file header."""
-    from ..io._common import image_size
+    from .._images import image_size
 
     entry = library_spatial(adata, library)
     images = entry.get(Uns.IMAGES, {})

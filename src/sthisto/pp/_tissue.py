@@ -14,6 +14,7 @@ thresholding is done directly with scikit-image.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -224,8 +225,7 @@ def low_resolution_image(adata, library: str, level) -> tuple[np.ndarray, float,
         raise MissingKeyError(
             f"library {library!r} has no image {level!r} (it has {sorted(images)}); pass level=None or one of those."
         )
-    from .._images import image_source
-    from ..io._image import _block_reduce
+    from .._images import _block_reduce, image_source
 
     source = image_source(adata, library)
     height, width = source.source.shape
@@ -234,7 +234,8 @@ def low_resolution_image(adata, library: str, level) -> tuple[np.ndarray, float,
 
 
 def _pyramid_level(metadata: dict, level: int, library: str) -> tuple[np.ndarray, float, str]:
-    from ..io._image import _block_reduce, _TiffSlide
+    from .._images import _block_reduce
+    from ..io._image import _TiffSlide
 
     path = metadata.get(Metadata.IMAGE_PATH)
     levels = metadata.get(Metadata.PYRAMID_LEVELS)
@@ -265,6 +266,105 @@ def _rgb_uint8(image, what: str) -> np.ndarray:
     return array
 
 
+TISSUE_RULES = {
+    "saturation": "HSV saturation above Otsu's threshold, at least MIN_SATURATION; dark pixels excluded "
+    "(pp.tissue_mask, method='otsu')",
+    "od_sum": "optical density -ln(I/255) summed over R, G, B above Otsu's threshold, at least "
+    "MIN_OPTICAL_DENSITY; dark pixels excluded (pp.tissue_mask, method='od')",
+    "od_every_channel": "-ln(I/255) above the threshold (default 0.15, Macenko's beta) in every channel "
+    "(stain normalisation: the pixels stains are fitted on)",
+    "od10_any_channel": "-log10(I/255) above the threshold (default 0.15) in at least one channel "
+    "(HistoSPACE's autoencoder tiles)",
+}
+"""Pixel rules of :func:`tissue_pixels`, by name; the description names their users."""
+_RULE_OF_METHOD = {"otsu": "saturation", "od": "od_sum"}
+_FIXED_DEFAULT = 0.15
+
+
+def tissue_pixels(rgb: np.ndarray, *, rule: str, threshold: float | None = None) -> tuple[np.ndarray, float]:
+    """Which pixels of an RGB image carry stain: the one definition behind every tissue mask in sthisto.
+
+    Slide masks (:func:`tissue_mask`, :func:`sthisto.pp.tile`), stain normalisation
+    (:func:`sthisto.pp.stain_normalize` fits on the pixels this calls tissue) and HistoSPACE's
+    tile sampler all classify pixels here, each with its own rule:
+
+    ``"saturation"``, ``"od_sum"``
+        A slide's tissue against its glass: HSV saturation, or optical density ``-ln(I/255)``
+        summed over the channels, above Otsu's threshold over the pixels that are not dark
+        (brightest channel below 15 %: pen marks, dust, scanner border), never below a floor
+        glass does not reach (:data:`MIN_SATURATION`, :data:`MIN_OPTICAL_DENSITY`), so a
+        slide without tissue gives an empty mask.
+    ``"od_every_channel"``
+        Macenko et al. (2009)'s background cut: optical density ``-ln(I/255)`` above β = 0.15
+        in every channel (intensities below 1 count as 1), the pixels the stain estimates use.
+    ``"od10_any_channel"``
+        HistoSPACE's tiles: ``-log10(I/255)`` above 0.15 in at least one channel, i.e. some
+        channel darker than ≈ 181 / 255. The HistoSPACE paper states no tissue rule; this is
+        sthisto's own, kept as it was when the three definitions were merged.
+
+    Parameters
+    ----------
+    rgb
+        ``(..., 3)`` image, uint8 or float on the 0–255 scale (extra channels are ignored).
+    rule
+        One of :data:`TISSUE_RULES`.
+    threshold
+        ``None``: the rule's own (Otsu with its floor; 0.15 for the optical-density cut-offs).
+        A number replaces it: the saturation / summed density / per-channel density cut-off.
+
+    Returns
+    -------
+    mask
+        Boolean array of the image's leading shape.
+    threshold
+        The threshold applied; ``inf`` when an Otsu rule finds nothing above its floor.
+    """
+    if rule not in TISSUE_RULES:
+        raise InputError(f"rule={rule!r} is not a tissue rule; use one of {sorted(TISSUE_RULES)}.")
+    array = np.asarray(rgb)
+    if array.ndim < 1 or array.shape[-1] < 3:
+        raise InputError(f"the image has shape {array.shape}; tissue pixels need (..., 3) RGB values.")
+    array = array[..., :3]
+    # The fixed cut-offs are compared as given (not as float(...)): a NumPy scalar compares in its
+    # own precision, exactly as the separate definitions these replace did.
+    cut = _FIXED_DEFAULT if threshold is None else threshold
+    if rule == "od_every_channel":
+        if array.dtype == np.uint8:
+            od = _ln_od_table()[array]
+        else:
+            od = -np.log(np.maximum(array.astype(np.float32), np.float32(1.0)) * np.float32(1.0 / 255.0))
+        return (od[..., 0] > cut) & (od[..., 1] > cut) & (od[..., 2] > cut), float(cut)
+    if rule == "od10_any_channel":
+        # OD > t  ⇔  I < 255 · 10^(−t): compare intensities, no logarithm per pixel.
+        return (array.min(axis=-1).astype(np.float32) < 255.0 * 10.0 ** (-cut)).astype(bool), float(cut)
+    rgb = np.asarray(array, dtype=np.float32) / 255.0
+    brightest = rgb.max(axis=-1)
+    if rule == "saturation":
+        values = (brightest - rgb.min(axis=-1)) / np.maximum(brightest, 1e-6)
+        floor = MIN_SATURATION
+    else:
+        values = -np.log(np.clip(rgb, 1.0 / 255.0, 1.0)).sum(axis=-1)
+        floor = MIN_OPTICAL_DENSITY
+    usable = brightest >= _DARK
+    if threshold is not None:
+        cut = float(threshold)
+    else:
+        from skimage.filters import threshold_otsu
+
+        candidates = values[usable]
+        if candidates.size == 0 or float(np.ptp(candidates)) < 1e-6:
+            cut = float("inf") if candidates.size == 0 or float(candidates.max()) <= floor else floor
+        else:
+            cut = max(float(threshold_otsu(candidates)), floor)
+    return (values > cut) & usable, cut
+
+
+@functools.cache
+def _ln_od_table() -> np.ndarray:
+    # -ln(I/255) of every uint8 intensity, as float32 (the values stain normalisation computes with).
+    return (-np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0)).astype(np.float32)
+
+
 def compute_mask(
     image: np.ndarray,
     *,
@@ -288,30 +388,15 @@ def compute_mask(
     factor
         Integer reduction applied: mask pixels are ``factor`` image pixels wide.
     """
-    from skimage.filters import threshold_otsu
     from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
 
-    from ..io._image import _block_reduce
+    from .._images import _block_reduce
 
     factor = max(1, int(MASK_MICRONS_PER_PIXEL // microns_per_pixel))
     if factor > 1:
         image = _block_reduce(np.asarray(image)[..., :3], factor)
         microns_per_pixel = microns_per_pixel * factor
-    rgb = np.asarray(image, dtype=np.float32) / 255.0
-    brightest = rgb.max(axis=-1)
-    if method == "otsu":
-        values = (brightest - rgb.min(axis=-1)) / np.maximum(brightest, 1e-6)
-        floor = MIN_SATURATION
-    else:
-        values = -np.log(np.clip(rgb, 1.0 / 255.0, 1.0)).sum(axis=-1)
-        floor = MIN_OPTICAL_DENSITY
-    usable = brightest >= _DARK
-    candidates = values[usable]
-    if candidates.size == 0 or float(np.ptp(candidates)) < 1e-6:
-        threshold = float("inf") if candidates.size == 0 or float(candidates.max()) <= floor else floor
-    else:
-        threshold = max(float(threshold_otsu(candidates)), floor)
-    mask = (values > threshold) & usable
+    mask, threshold = tissue_pixels(image, rule=_RULE_OF_METHOD[method])
     pixel_area = microns_per_pixel**2
     radius = int(round(closing_um / microns_per_pixel))
     if radius >= 1 and mask.any():

@@ -28,6 +28,10 @@ from .._anndata import record
 from .._errors import InputError, KeyExistsError, MissingKeyError
 from .._logging import logger
 from ..pp._patches import library_ids
+from ._intervals import ABSOLUTE
+from ._intervals import choose_calibration as choose_calibration  # still importable from here
+from ._intervals import decode_quantiles as decode_quantiles
+from ._intervals import interval_bounds as interval_bounds
 from ._uncertainty import DEFAULT_SAMPLES, check_mode, check_supported, predictive
 
 if TYPE_CHECKING:
@@ -36,14 +40,12 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from numpy.typing import ArrayLike
 
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
 DEFAULT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 """Coverage levels calibrated by default (besides ``1 - alpha``): the calibration curve's points."""
 BETA_FRACTION = 0.1
 """``beta_g`` of the normalised score, as a fraction of the gene's median spread."""
-ABSOLUTE = "absolute"
-"""Key of the plain split-conformal calibration in ``model.calibration``."""
 
 
 def conformal_quantiles(scores: np.ndarray, levels: Sequence[float]) -> np.ndarray:
@@ -109,11 +111,6 @@ def _encode(values: np.ndarray) -> list:
     return [[None if not np.isfinite(v) else float(v) for v in row] for row in np.atleast_2d(values)]
 
 
-def decode_quantiles(values) -> np.ndarray:
-    """Inverse of the JSON encoding of stored quantiles (None means an infinite quantile)."""
-    return np.array([[np.inf if v is None else float(v) for v in row] for row in values], dtype=np.float64)
-
-
 def _observed(adata, model, index, observed) -> np.ndarray:
     from ._evaluate import _matrix
     from ._train import _gene_columns, _targets
@@ -156,56 +153,6 @@ def fit_calibration(
         "quantiles": _encode(conformal_quantiles(scores, levels)),
         "beta": [float(b) for b in beta],
     }
-
-
-def interval_bounds(entry: dict, mean: np.ndarray, std: np.ndarray | None, level: float):
-    """``(lower, upper)`` of the calibrated interval at ``level`` around ``mean``."""
-    levels = [float(v) for v in entry["levels"]]
-    row = _level_row(levels, level)
-    q = decode_quantiles(entry["quantiles"])[row]
-    if entry["conformal"] == "normalized":
-        if std is None:
-            raise InputError("a normalised calibration needs the spread it was fitted with.")
-        half = q * (np.asarray(std, dtype=np.float64) + np.asarray(entry["beta"], dtype=np.float64))
-    else:
-        half = np.broadcast_to(q, np.shape(mean))
-    mean = np.asarray(mean, dtype=np.float64)
-    return (mean - half).astype(np.float32), (mean + half).astype(np.float32)
-
-
-def _level_row(levels: Sequence[float], level: float) -> int:
-    for row, value in enumerate(levels):
-        if abs(value - float(level)) < 1e-9:
-            return row
-    raise InputError(
-        f"interval={level!r} was not calibrated (calibrated levels: {levels}). Pass one of them, or recalibrate "
-        f"with sthisto.tl.calibrate(..., levels=[{level!r}])."
-    )
-
-
-def choose_calibration(model, uncertainty: str | None, interval) -> tuple[str, dict]:
-    """The stored calibration ``tl.predict(..., interval=)`` uses, and its key."""
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < float(interval) < 1:
-        raise InputError(f"interval={interval!r} must be a coverage level between 0 and 1, e.g. 0.9.")
-    stored = getattr(model, "calibration", {}) or {}
-    if not stored:
-        raise MissingKeyError(
-            f"interval={interval} needs a calibrated model, and this {model.name} model has no calibration. Run "
-            f"sthisto.tl.calibrate(adata, model, calibration=<held-out sections>) first."
-        )
-    if uncertainty is not None and uncertainty in stored:
-        key = uncertainty
-    elif ABSOLUTE in stored:
-        key = ABSOLUTE
-        if uncertainty is not None:
-            logger.info("no %r calibration stored: intervals use the plain (absolute) split-conformal one", uncertainty)
-    else:
-        raise MissingKeyError(
-            f"the model is calibrated for {sorted(stored)}, not for uncertainty={uncertainty!r}; pass "
-            f"uncertainty={sorted(stored)[0]!r} or recalibrate."
-        )
-    _level_row([float(v) for v in stored[key]["levels"]], float(interval))
-    return key, stored[key]
 
 
 def _persist(adata, model, source, stored_key) -> None:

@@ -41,7 +41,7 @@ from ..pp._patches import library_ids
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
 _FUNCTION = "cross_validate"
 SPLITS = {

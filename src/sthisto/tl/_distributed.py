@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
 
 @renamed_parameters(accelerator="device", progress_bar="progress")
@@ -220,7 +220,7 @@ class _PredictionModule(pl.LightningModule):
         self._plan = plan
 
     def predict_step(self, batch, batch_idx):
-        from ..models._base import Section, release_freed_memory
+        from ..models._planning import Section, release_freed_memory
 
         unit_id = int(batch["unit"])
         unit = self._plan.units[unit_id]

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
 FUNCTION = "superresolve"
 OFFSETS: dict[tuple[str, int], tuple[tuple[float, float], ...]] = {
@@ -203,7 +203,7 @@ def superresolve(
             f"libraries {without} have no H&E image: new spots need pixels for their features. Pass "
             f"library_id= one of {[lib for lib in chosen if lib not in without]}."
         )
-    from ..models._base import grid_positions
+    from .._spots import grid_positions
 
     positions = grid_positions(adata)  # (col, row)
 
@@ -531,7 +531,7 @@ def _prepare_model(adata, fitted, libraries, coords, libraries_of_spot):
             features = features_provenance(adata, key)
         known = features.get("weights", {}).get("source") != "unknown" and isinstance(features.get("encoder"), str)
         if known:
-            from ..models._base import training_encoder
+            from ..models._features import training_encoder
 
             encoder, weights, encoder_kwargs = training_encoder(features, key)
             fitted.data_params["encoder"] = encoder

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from numpy.typing import ArrayLike
 
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
 SELECTED_GENES_KEY = "sthisto_selected"
 """Default ``var`` column written by :func:`sthisto.pp.select_genes`; ``train`` uses it when present."""
@@ -320,7 +320,7 @@ def train(
         from ._stored_models import train_weights_file
 
         weights_file = train_weights_file(models_dir, key_added, overwrite=overwrite)
-    from ..models._base import check_spots
+    from ..models._protocol import check_spots
 
     check_spots(adata)
     chosen_genes = _resolve_genes(adata, genes)
@@ -557,7 +557,7 @@ def get_model(
 
 def _resolve_model(adata, model):
     from ..io._model import load_model
-    from ..models._base import ExpressionModel
+    from ..models._protocol import ExpressionModel
 
     if isinstance(model, ExpressionModel):
         check_finite_tensors(model.state_tensors(), where=f"the {model.name} model passed")
@@ -670,7 +670,7 @@ def predict(
       ``adata`` is left unchanged. For a SpatialData table + shapes pass it to
       :func:`sthisto.io.to_spatialdata`.
     """
-    from ._calibrate import choose_calibration, decode_quantiles, interval_bounds
+    from ._intervals import choose_calibration, decode_quantiles, interval_bounds
     from ._uncertainty import check_mode, check_supported, predictive
 
     fitted, stored_key = _resolve_model(adata, model)

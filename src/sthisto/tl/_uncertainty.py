@@ -347,7 +347,7 @@ class SpreadInputs:
 def spread_inputs(adata, predicted: str, rows, columns, genes, function, entry, matrix) -> SpreadInputs:
     """Read ``{predicted}_std`` / ``_lower`` / ``_upper`` and the recorded conformal quantiles."""
     from .._constants import Layers
-    from ._calibrate import decode_quantiles
+    from ._intervals import decode_quantiles
 
     def layer(what):
         key = Layers.companion(predicted, what)
@@ -383,7 +383,7 @@ def group_spread_metrics(observed: np.ndarray, predicted: np.ndarray, spread: Sp
     import pandas as pd
     from scipy.stats import norm
 
-    from ._evaluate import spearman_columns
+    from ._metric_kernels import spearman_columns
 
     x = np.asarray(observed, dtype=np.float64)
     y = np.asarray(predicted, dtype=np.float64)
