@@ -3,8 +3,10 @@
 Two cohorts, one protocol each:
 
 * **her2st C2–C6**, leave-one-section-out (the THItoGene / HGGEF protocol), the 785 published
-  genes, targets ``log10(1 + 1e4 · counts / selected-gene total)``; skipped with a note when
-  ``../shared/data/her2st`` (or ``$STHISTO_SHARED_DATA/her2st``) is absent;
+  genes, each method's own target (``log10`` or ``log1p`` of counts per 1e4 over those genes:
+  proportional, so the Pearson correlations compare); skipped with a note when
+  ``../shared/data/her2st`` (or ``$STHISTO_SHARED_DATA/her2st``) is absent. The decoded images
+  are held in memory so that patch methods are not timed decoding JPEG files;
 * **synthetic**, leave-one-patient-out: ``sthisto.datasets.synthetic`` with 3 patients × 2
   sections. Its image-dependent genes (``SYN_DEP_*``) are learnable and its independent ones
   (``SYN_IND_*``) are not, so every metric is reported for both groups (``dep_*``, ``ind_*``):
@@ -101,11 +103,29 @@ def load_cohort(name: str):
         adata = sthisto.io.read_her2st(root, sections=HER2ST_SECTIONS)
         sthisto.pp.select_genes(adata, genes=sthisto.datasets.her2st_785_genes())
         adata = adata[:, adata.var["sthisto_selected"]].copy()
+        keep_images_decoded(adata)
         return adata, "section"
     if name == "synthetic":
         adata = sthisto.datasets.synthetic(n_sections=6, n_patients=3, n_spots=250, n_genes=60, seed=7)
         return adata, "patient"
     raise SystemExit(f"unknown cohort {name!r}; use her2st or synthetic")
+
+
+def keep_images_decoded(adata) -> None:
+    """Hold each section's decoded H&E image in memory (``images['fullres']``, read first by sthisto).
+
+    JPEG has no random access and sthisto keeps two decoded files at a time, so shuffled
+    patch batches drawn from four training sections would decode the files again and again:
+    the wall time would measure JPEG decoding, not the method (about 280 MB per her2st section).
+    """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # H&E images are legitimately large
+    for entry in adata.uns["spatial"].values():
+        path = entry.get("metadata", {}).get("image_path")
+        if path and "fullres" not in entry["images"]:
+            with Image.open(path) as image:
+                entry["images"]["fullres"] = np.asarray(image.convert("RGB"))
 
 
 def overall_values(table: pd.DataFrame, column: str = "value") -> dict[str, float]:
