@@ -3,34 +3,45 @@
 Two cohorts, one protocol each:
 
 * **her2st C2–C6**, leave-one-section-out (the THItoGene / HGGEF protocol), the 785 published
-  genes, targets ``log10(1 + 1e4 · counts / selected-gene total)``; skipped with a note when
-  ``../shared/data/her2st`` (or ``$STHISTO_SHARED_DATA/her2st``) is absent;
+  genes, each method's own target (``log10`` or ``log1p`` of counts per 1e4 over those genes:
+  proportional, so the Pearson correlations compare); skipped with a note when
+  ``../shared/data/her2st`` (or ``$STHISTO_SHARED_DATA/her2st``) is absent. The decoded images
+  are held in memory so that patch methods are not timed decoding JPEG files;
 * **synthetic**, leave-one-patient-out: ``sthisto.datasets.synthetic`` with 3 patients × 2
-  sections (its image-dependent genes ``SYN_DEP_*`` are learnable, ``SYN_IND_*`` are not; the
-  table reports both groups so a method that "predicts" noise shows up).
+  sections. Its image-dependent genes (``SYN_DEP_*``) are learnable and its independent ones
+  (``SYN_IND_*``) are not, so every metric is reported for both groups (``dep_*``, ``ind_*``):
+  a method that learns shows ``dep_`` well above ``ind_``, and one that "predicts" noise shows up.
 
 Every network runs under each requested training recipe (``--recipes``, default ``paper`` and
 ``small_data``; see ``tl.train(recipe=...)``) on identical folds; the closed-form baselines
-(``ridge``, ``ridge_context``) run once. Each row also gives the gene-mean predictor's per-spot
-PCC on the same folds (``gene_mean_pcc_spot``: each gene's training mean at every spot, the
-floor per-spot PCC is read against), the genes the method predicts as a constant
-(``genes_constant``, gene x fold pairs) and the epochs actually run (mean over folds; early
-stopping shortens ``small_data`` runs).
+(``ridge``, ``ridge_context``) run once. Each cohort also gets a ``gene_mean`` row: the
+predictor that puts each gene's training mean at every spot, scored on the same folds (its
+per-gene PCC is undefined, it is constant per gene; its per-spot PCC is the floor every other
+per-spot PCC is read against). Columns: per-gene PCC mean / median and per-spot PCC mean
+(means over sections), RMSE, SSIM, ``genes_constant`` (gene × section pairs predicted as a
+constant; they are left out of the per-gene means, so read the two together), ``epochs`` (the
+cap) and ``epochs_run`` (mean over folds; early stopping shortens ``small_data`` runs), wall
+time, peak memory, weight provenance (``weights``: ``random``, ``file:<sha256[:12]>``,
+``hub:<id>@<rev>``, ``none`` when nothing is pretrained; ``random_weights``), the recipe, the
+method parameters (``settings``) and the test folds run (``folds``).
 
 Each (cohort, method, recipe) runs ``sthisto.tl.cross_validate`` in a fresh process, so the peak
 resident memory (``ru_maxrss`` of that process) and the wall time belong to that method alone.
-Written to ``--out``: ``benchmark_table.csv`` (tidy) and ``benchmark_table.md`` (one row per
-cohort × method: weight provenance (``weights``: ``random``, ``file:<sha256[:12]>``,
-``hub:<id>@<rev>``, ``none`` when nothing is pretrained; ``random_weights``), per-gene PCC
-mean / median, per-spot PCC mean, RMSE, SSIM, train + predict time, peak memory, epochs).
+Written to ``--out`` as the rows finish (partial runs count): ``benchmark_table.csv`` (tidy, every
+column) and ``benchmark_table.md`` (one table per cohort). ``--append`` keeps the rows already
+in ``--out`` and replaces only those measured again, so a table can be built in several runs.
 
-Defaults are CPU settings that finish in about half an hour on 2 cores: the ``*_tiny``
-variants for the deep methods and few epochs (stated in the table). On a GPU run the full
-networks with their papers' epochs::
+Defaults are CPU settings: the ``*_tiny`` variants for the deep methods and few epochs (stated
+in the table). ``--full`` runs the papers' networks with their epochs (a GPU's job; on a CPU
+cap them with ``--epochs`` and restrict the folds with ``--folds``). ``--param`` sets one method
+parameter, e.g. ``--param histosge.encoder=handcrafted`` (the paper's UNI weights are gated;
+random ViT-L features are no image model)::
 
     python benchmarks/benchmark_table.py                       # CPU defaults
     python benchmarks/benchmark_table.py --full --device cuda  # paper-sized networks & epochs
     python benchmarks/benchmark_table.py --cohorts synthetic --methods ridge histosge_tiny
+    python benchmarks/benchmark_table.py --cohorts her2st --full --methods histosge \\
+        --param histosge.encoder=handcrafted --folds C2 C4 --append
 """
 
 from __future__ import annotations
@@ -45,11 +56,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STHISTO_SHARED_DATA", REPO.parent / "shared" / "data"))
 HER2ST_SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+CLOSED_FORM = ("ridge", "ridge_context")
 
 # CPU settings: epochs chosen so each method trains in minutes on 2 cores.
 CPU_METHODS = {
@@ -70,6 +83,12 @@ FULL_METHODS = {
     "hggef": {},
 }
 HEADLINE = ["pearson_gene_mean", "pearson_gene_median", "pearson_spot_mean", "rmse", "ssim_mean"]
+# Metrics reported per gene group on the synthetic cohort (image-dependent vs independent genes).
+GROUP_METRICS = {"pearson_gene_mean": "pcc_gene_mean", "pearson_gene_median": "pcc_gene_median"}
+GROUP_METRICS |= {"pearson_spot_mean": "pcc_spot_mean", "n_genes_constant_predicted": "genes_constant"}
+GENE_GROUPS = {"dep": "SYN_DEP", "ind": "SYN_IND"}
+# A row is measured again (and replaced under --append) when these match.
+ROW_KEY = ["cohort", "method", "recipe", "settings", "folds"]
 
 
 def load_cohort(name: str):
@@ -84,6 +103,7 @@ def load_cohort(name: str):
         adata = sthisto.io.read_her2st(root, sections=HER2ST_SECTIONS)
         sthisto.pp.select_genes(adata, genes=sthisto.datasets.her2st_785_genes())
         adata = adata[:, adata.var["sthisto_selected"]].copy()
+        keep_images_decoded(adata)
         return adata, "section"
     if name == "synthetic":
         adata = sthisto.datasets.synthetic(n_sections=6, n_patients=3, n_spots=250, n_genes=60, seed=7)
@@ -91,7 +111,52 @@ def load_cohort(name: str):
     raise SystemExit(f"unknown cohort {name!r}; use her2st or synthetic")
 
 
-def run_one(cohort: str, method: str, params: dict, device: str, threads: int, recipe: str = "paper") -> dict:
+def keep_images_decoded(adata) -> None:
+    """Hold each section's decoded H&E image in memory (``images['fullres']``, read first by sthisto).
+
+    JPEG has no random access and sthisto keeps two decoded files at a time, so shuffled
+    patch batches drawn from four training sections would decode the files again and again:
+    the wall time would measure JPEG decoding, not the method (about 280 MB per her2st section).
+    """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # H&E images are legitimately large
+    for entry in adata.uns["spatial"].values():
+        path = entry.get("metadata", {}).get("image_path")
+        if path and "fullres" not in entry["images"]:
+            with Image.open(path) as image:
+                entry["images"]["fullres"] = np.asarray(image.convert("RGB"))
+
+
+def overall_values(table: pd.DataFrame, column: str = "value") -> dict[str, float]:
+    """Metric -> value of the ``overall`` rows of a metrics table (``column``: ``value`` or ``gene_mean``)."""
+    overall = table[table["scope"] == "overall"].set_index("metric")
+    return {metric: float(value) for metric, value in overall[column].items()}
+
+
+def gene_group_scores(adata, key: str) -> dict[str, float]:
+    """Synthetic cohort: the headline metrics on the dependent and on the independent genes alone.
+
+    Each group is scored by ``tl.evaluate`` on its own genes (per-spot PCC across them too), for
+    the method and for the gene-mean predictor of the same folds (``gene_mean_*`` columns).
+    """
+    import sthisto
+
+    scores = {}
+    for label, prefix in GENE_GROUPS.items():
+        genes = [g for g in adata.var_names if g.startswith(prefix)]
+        table = sthisto.tl.evaluate(adata, predicted=key, genes=genes, key_added=f"{key}_{label}")
+        method, floor = overall_values(table), overall_values(table, "gene_mean")
+        for metric, name in GROUP_METRICS.items():
+            scores[f"{label}_{name}"] = method.get(metric, np.nan)
+        scores[f"gene_mean_{label}_pcc_spot_mean"] = floor.get("pearson_spot_mean", np.nan)
+        scores[f"{label}_n_genes"] = len(genes)
+    return scores
+
+
+def run_one(
+    cohort: str, method: str, params: dict, device: str, threads: int, recipe: str = "paper", folds=None
+) -> dict:
     """Cross-validate one method on one cohort in this (fresh) process; return its numbers."""
     import torch
 
@@ -106,6 +171,7 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int, r
         adata,
         [method],
         split=split,
+        folds=folds,
         method_params={method: dict(params)},
         store_models=False,
         progress=False,
@@ -114,31 +180,35 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int, r
         recipe=recipe,
     )
     seconds = time.perf_counter() - start
-    overall = table[table["scope"] == "overall"].set_index("metric")
-    row = {metric: float(overall["value"].get(metric, float("nan"))) for metric in HEADLINE}
-    row["gene_mean_pcc_spot"] = float(overall["gene_mean"].get("pearson_spot_mean", float("nan")))
-    row["genes_constant"] = int(overall["value"].get("n_genes_constant_predicted", 0))
-    folds = adata.uns["sthisto"]["cross_validate"]["bench"]["folds"]
-    ran = [len(json.loads(info["history"]).get("epoch", [])) for info in folds.values()]
-    if cohort == "synthetic":  # learnable vs unlearnable genes, from the pooled per-gene table
-        per_gene = sthisto.tl.get_metrics(adata, "bench", per_gene=True)  # one method: its key is key_added
-        for prefix, label in (("SYN_DEP", "pcc_image_genes"), ("SYN_IND", "pcc_noise_genes")):
-            row[label] = float(per_gene.loc[per_gene["gene"].str.startswith(prefix), "pearson"].mean())
-    cls, variant = sthisto.models._registry.resolve_method(method)
+    values, floor = overall_values(table), overall_values(table, "gene_mean")
+    row = {metric: values.get(metric, np.nan) for metric in HEADLINE}
+    row["genes_constant"] = int(values.get("n_genes_constant_predicted", 0))
+    row["n_sections_scored"] = int(values.get("n_groups", 0))
+    # the gene-mean predictor of the same folds, for the cohort's gene_mean row
+    row.update({f"gene_mean_{metric}": floor.get(metric, np.nan) for metric in ("pearson_spot_mean", "rmse")})
+    row["gene_mean_pcc_spot"] = row["gene_mean_pearson_spot_mean"]
+    if cohort == "synthetic":
+        row.update(gene_group_scores(adata, "bench"))
+    info = adata.uns["sthisto"]["cross_validate"]["bench"]["folds"]
+    ran = [len(json.loads(fold["history"]).get("epoch", [])) for fold in info.values()]
+    closed_form = method.startswith(CLOSED_FORM)
+    cls, _ = sthisto.models._registry.resolve_method(method)
     epochs = params.get("max_epochs", cls.all_training_defaults().get("max_epochs"))
-    # where the pretrained components' weights came from, so a random-weight row says so
     row.update(
         cohort=cohort,
         protocol=split,
         method=method,
-        recipe="closed form" if method.startswith("ridge") else recipe,
-        epochs_run=round(sum(ran) / len(ran), 1) if ran and not method.startswith("ridge") else "",
+        recipe="closed form" if closed_form else recipe,
+        settings=settings_text(params),
+        folds=" ".join(folds) if folds else "all",
+        # where the pretrained components' weights came from, so a random-weight row says so
         weights=str(table["weights"].iloc[0]),
         random_weights=bool(table["random_weights"].any()),
+        epochs="" if closed_form else int(epochs),
+        epochs_run="" if closed_form or not ran else round(sum(ran) / len(ran), 1),
         n_spots=int(adata.n_obs),
         n_genes=int(adata.n_vars),
-        n_folds=int(table.loc[table["scope"] == "group", "group"].nunique()),
-        epochs="closed form" if method.startswith("ridge") else int(epochs),
+        n_folds=len(info),
         seconds=round(seconds, 1),
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
         device=device,
@@ -146,28 +216,136 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int, r
     return row
 
 
+def settings_text(params: dict) -> str:
+    """Method parameters as ``key=value`` pairs (the table states what ran)."""
+    return " ".join(f"{key}={value}" for key, value in sorted(params.items()))
+
+
+def gene_mean_row(row: dict) -> dict:
+    """The gene-mean predictor's row, from the ``gene_mean_*`` columns of a measured row (same folds)."""
+    mean = {
+        "cohort": row["cohort"],
+        "protocol": row["protocol"],
+        "method": "gene_mean",
+        "recipe": "closed form",
+        "settings": "",
+        "folds": row["folds"],
+        "weights": "none",
+        "random_weights": False,
+        "epochs": "",
+        "epochs_run": "",
+        # each gene is one constant per fold, so it has no per-gene PCC in any section
+        "pearson_gene_mean": np.nan,
+        "pearson_gene_median": np.nan,
+        "pearson_spot_mean": row["gene_mean_pearson_spot_mean"],
+        "rmse": row["gene_mean_rmse"],
+        "genes_constant": int(row["n_genes"] * row["n_sections_scored"]),
+        "n_spots": row["n_spots"],
+        "n_genes": row["n_genes"],
+        "n_folds": row["n_folds"],
+        "n_sections_scored": row["n_sections_scored"],
+    }
+    for label in GENE_GROUPS:
+        if f"gene_mean_{label}_pcc_spot_mean" in row:
+            mean[f"{label}_pcc_spot_mean"] = row[f"gene_mean_{label}_pcc_spot_mean"]
+            mean[f"{label}_pcc_gene_mean"] = mean[f"{label}_pcc_gene_median"] = np.nan
+            mean[f"{label}_genes_constant"] = int(row[f"{label}_n_genes"] * row["n_sections_scored"])
+    return mean
+
+
 def markdown(frame: pd.DataFrame) -> str:
-    """A Markdown table with 3 significant decimals."""
+    """A Markdown table: scores with 3 decimals, counts as integers, undefined values as ``–``."""
     shown = frame.copy()
     for column in shown.columns:
-        if shown[column].dtype.kind == "f":
-            shown[column] = shown[column].map(lambda v: f"{v:.3f}")
+        if shown[column].dtype.kind != "f":
+            continue
+        digits = (
+            0 if column.endswith("genes_constant") else 1 if column == "seconds" else 2 if column.endswith("_gb") else 3
+        )
+        shown[column] = shown[column].map(lambda v, d=digits: "–" if pd.isna(v) else f"{v:.{d}f}")
+    shown = shown.fillna("")
     header = "| " + " | ".join(shown.columns) + " |"
     rule = "|" + "|".join("---" for _ in shown.columns) + "|"
     rows = ["| " + " | ".join(str(v) for v in values) + " |" for values in shown.itertuples(index=False)]
     return "\n".join([header, rule, *rows]) + "\n"
 
 
+def shown_columns(cohort: str, frame: pd.DataFrame) -> list[str]:
+    """The columns of one cohort's Markdown table."""
+    first = ["method", "recipe", "settings", "folds", "weights", "random_weights", "epochs", "epochs_run"]
+    if cohort == "synthetic":
+        scores = [f"{label}_{name}" for label in GENE_GROUPS for name in GROUP_METRICS.values()]
+    else:
+        scores = [*HEADLINE[:3], "genes_constant"]
+    return [c for c in [*first, *scores, "seconds", "peak_rss_gb"] if c in frame.columns]
+
+
+def write_tables(frame: pd.DataFrame, out: Path) -> str:
+    """Write the tidy CSV and the per-cohort Markdown tables; return the Markdown."""
+    first = ["cohort", "protocol", *ROW_KEY[1:], "weights", "random_weights", "epochs", "epochs_run"]
+    frame = frame[first + [c for c in frame.columns if c not in first]]
+    frame.to_csv(out / "benchmark_table.csv", index=False)
+    parts = []
+    for cohort, rows in frame.groupby("cohort", sort=False):
+        parts.append(
+            f"### {cohort} ({rows['protocol'].iloc[0]} held out)\n\n" + markdown(rows[shown_columns(cohort, rows)])
+        )
+    text = "\n".join(parts)
+    (out / "benchmark_table.md").write_text(text)
+    return text
+
+
+def parse_params(items: list[str]) -> dict[str, dict]:
+    """``--param method.key=value`` pairs as {method: {key: value}} (values read as JSON when they parse)."""
+    parsed: dict[str, dict] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        method, _, key = name.partition(".")
+        if not (method and key and value):
+            raise SystemExit(f"--param {item!r}: write METHOD.KEY=VALUE, e.g. histosge.encoder=handcrafted")
+        try:
+            parsed.setdefault(method, {})[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed.setdefault(method, {})[key] = value
+    return parsed
+
+
+def previous_rows(out: Path) -> pd.DataFrame | None:
+    """The rows already in ``out`` (``--append``)."""
+    path = out / "benchmark_table.csv"
+    if not path.exists():
+        return None
+    text_columns = dict.fromkeys(("settings", "folds", "epochs", "epochs_run"), str)
+    return pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""]).fillna(
+        dict.fromkeys(text_columns, "")
+    )
+
+
+def combined(previous: pd.DataFrame | None, rows: list[dict]) -> pd.DataFrame:
+    """Previous rows with the re-measured ones replaced, then the new rows."""
+    new = pd.DataFrame(rows)
+    for column in ("settings", "folds", "epochs", "epochs_run"):
+        new[column] = new[column].astype(str)
+    if previous is None:
+        return new
+    measured = set(map(tuple, new[ROW_KEY].to_numpy()))
+    kept = previous[[tuple(key) not in measured for key in previous[ROW_KEY].to_numpy()]]
+    return pd.concat([kept, new], ignore_index=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the requested cohorts × methods and write the table."""
+    """Run the requested cohorts × methods × recipes and write the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cohorts", nargs="+", default=["her2st", "synthetic"])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every method (tiny variants on CPU)")
     parser.add_argument("--full", action="store_true", help="paper-sized networks and epochs (GPU)")
     parser.add_argument("--epochs", type=int, default=None, help="override max_epochs of every deep method")
+    parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method parameter")
+    parser.add_argument("--folds", nargs="+", default=None, help="test only these sections / patients")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path("benchmark_results"))
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out")
     parser.add_argument(
         "--recipes", nargs="+", default=["paper", "small_data"], help="training recipes of the networks"
     )
@@ -175,31 +353,30 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = FULL_METHODS if args.full else CPU_METHODS
     methods = args.methods or list(settings)
+    overrides = parse_params(args.param)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    previous = previous_rows(args.out) if args.append else None
+    rows: list[dict] = []
     context = multiprocessing.get_context("spawn")
     for cohort in args.cohorts:
-        runs = [(m, r) for m in methods for r in (["paper"] if m.startswith("ridge") else args.recipes)]
+        runs = [(m, r) for m in methods for r in (["paper"] if m.startswith(CLOSED_FORM) else args.recipes)]
         for method, recipe in runs:
-            params = dict(settings.get(method, {}))
-            if args.epochs is not None and not method.startswith("ridge"):
+            params = {**settings.get(method, {}), **overrides.get(method, {})}
+            if args.epochs is not None and not method.startswith(CLOSED_FORM):
                 params["max_epochs"] = args.epochs
             print(f"{cohort} / {method} / {recipe} {params} ...", flush=True)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-                row = pool.submit(run_one, cohort, method, params, args.device, args.threads, recipe).result()
+                job = pool.submit(run_one, cohort, method, params, args.device, args.threads, recipe, args.folds)
+                row = job.result()
             if row.get("skipped"):
                 break
+            if not any(r["cohort"] == cohort and r["method"] == "gene_mean" for r in rows):
+                rows.append(gene_mean_row(row))
             rows.append(row)
             print("   ", {k: row[k] for k in ("pearson_gene_mean", "pearson_spot_mean", "seconds", "peak_rss_gb")})
-            frame = pd.DataFrame(rows)
-            first = ["cohort", "protocol", "method", "recipe", "weights", "random_weights", "epochs", "epochs_run"]
-            frame = frame[first + [c for c in frame.columns if c not in first]]
-            frame.to_csv(args.out / "benchmark_table.csv", index=False)  # written as we go: partial runs count
-            (args.out / "benchmark_table.md").write_text(markdown(frame))
+            text = write_tables(combined(previous, rows), args.out)  # written as we go: partial runs count
     if rows:
-        shown = ["cohort", "method", "recipe", "weights", "epochs", "epochs_run", *HEADLINE, "gene_mean_pcc_spot"]
-        shown += ["genes_constant", "seconds", "peak_rss_gb"]
-        print(markdown(pd.DataFrame(rows)[shown]))
+        print(text)
     return 0
 
 
