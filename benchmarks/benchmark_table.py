@@ -173,7 +173,6 @@ def run_one(
         split=split,
         folds=folds,
         method_params={method: dict(params)},
-        store_models=False,
         progress=False,
         device=device,
         key_added="bench",

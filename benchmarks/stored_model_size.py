@@ -79,7 +79,7 @@ def configured(adata, method: str, train_index: np.ndarray):
 
         mask = np.zeros(adata.n_obs, dtype=bool)
         mask[train_index] = True
-        return sthisto.tl.train(adata, method, train_mask=mask, store=False, progress_bar=False)
+        return sthisto.tl.train(adata, method, train_mask=mask, store=False, progress=False)
     if "backbone_weights" in cls.network_parameter_names():
         params = {**params, "backbone_weights": None}  # no ImageNet file needed for a size
     genes = list(adata.var_names)
