@@ -190,7 +190,7 @@ def train(
     strategy: str = "auto",
     num_nodes: int = 1,
     precision: str | None = None,
-    progress_bar: bool = True,
+    progress_bar: bool | str = True,
     store: bool = True,
     overwrite: bool = False,
     recipe: str = "paper",
@@ -240,7 +240,9 @@ def train(
         Passed to :class:`lightning.pytorch.Trainer` (e.g. ``devices=4, strategy="ddp"``).
         ``precision`` defaults to ``"bf16-mixed"`` on GPU and ``"32-true"`` on CPU.
     progress_bar
-        Show Lightning's progress bar.
+        ``True``: Lightning's progress bar; ``False``: silent; ``"text"``: a plain line after
+        the first and last epochs and at most every 10 s in between (epoch, losses, seconds),
+        for logs and pipes where a redrawn bar is unreadable.
     store
         Store the model record in ``uns['sthisto']['models'][key_added]``.
     overwrite
