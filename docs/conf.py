@@ -43,9 +43,22 @@ typehints_defaults = "comma"
 always_document_param_types = False
 
 myst_enable_extensions = ["colon_fence", "dollarmath"]
-# The notebooks are rendered as committed, never executed here: CI executes them separately
-# (.ci/run), and executing them would make the documentation build train models.
-nb_execution_mode = "off"
+# The tutorials are committed without outputs; the build executes them, so that the pages show
+# their figures, and this execution is also CI's check that every notebook runs (.ci/run runs
+# no other). "cache" (jupyter-cache, in _build/.jupyter_cache) re-executes a notebook only when
+# its code changed; STHISTO_DOCS_EXECUTE=off renders them unexecuted, for a quick look at text.
+nb_execution_mode = os.environ.get("STHISTO_DOCS_EXECUTE", "cache")
+# Seconds per cell: the longest (her2st training) takes about a minute on 2 cores. A slower
+# machine can raise it with sphinx-build -D nb_execution_timeout=<seconds>.
+nb_execution_timeout = 600
+# A failing or timed-out cell is a warning (an error under -W, as in CI) with its traceback in
+# the log; the other notebooks still run, so one build reports every broken notebook.
+nb_execution_raise_on_error = False
+nb_execution_show_tb = True
+# A kernel keeps a backend named in the environment (CI exports MPLBACKEND=Agg), and Agg
+# figures are never sent to the notebook: the pages would show no figure at all.
+if not os.environ.get("MPLBACKEND", "").endswith("backend_inline"):
+    os.environ.pop("MPLBACKEND", None)
 
 # autosummary writes its pages as reStructuredText.
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
@@ -117,6 +130,17 @@ def _copy_tutorials(app, config) -> None:
             shutil.copy2(notebook, copy)
 
 
+def _point_tutorials_at_shared_data(app, config) -> None:
+    """Let the executed copies find the data the notebooks in ``tutorials/`` find.
+
+    The notebooks look for ``../../shared/data`` (beside the repository) unless
+    ``STHISTO_SHARED_DATA`` is set; their copies run one folder deeper, in ``docs/tutorials/``.
+    """
+    shared = HERE.parent.parent / "shared" / "data"
+    if "STHISTO_SHARED_DATA" not in os.environ and shared.is_dir():
+        os.environ["STHISTO_SHARED_DATA"] = str(shared.resolve())
+
+
 def _write_cli_help(app, config) -> None:
     """Write ``sthisto [<command>] --help`` of the installed package for ``api.md`` to include."""
     from sthisto.cli import build_parser
@@ -151,4 +175,5 @@ def setup(app) -> None:
     app.connect("autodoc-process-docstring", _constant_docstring, priority=600)
     # config-inited comes before Sphinx discovers the source files.
     app.connect("config-inited", _copy_tutorials)
+    app.connect("config-inited", _point_tutorials_at_shared_data)
     app.connect("config-inited", _write_cli_help)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -13,7 +16,8 @@ import torch
 from torch import nn
 
 import sthisto
-from sthisto.cli import main, parse_params
+from sthisto import cli
+from sthisto.cli import build_parser, cli_words, main, parse_params
 from sthisto.models import ExpressionModel
 
 torch.set_num_threads(1)
@@ -143,7 +147,7 @@ def test_train_predict_evaluate(h5ad, tmp_path, tiny_method, capsys):
                  "-o", str(trained), "--save-model", str(model_dir), "--param", "lr=0.005"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     err = capsys.readouterr().err
-    assert "[sthisto train" in err and "trained 2 epochs" in err
+    assert "[sthisto train" in err and "2 epochs, final training loss" in err
     stored = ad.read_h5ad(trained)
     model = sthisto.tl.get_model(stored, tiny_method)
     assert model.training_params["lr"] == 0.005 and model.trained_on["libraries"] == ["S01"]
@@ -206,3 +210,186 @@ def test_demo_writes_a_report(tmp_path, tiny_method, capsys):
     assert (folder / "metrics.md").read_text().startswith("| metric | S03 |")
     assert main(["demo", "-o", str(folder), "-m", tiny_method, "-q"]) == 1  # refuses a non-empty folder
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, h5ad):
+    """The fixture data with a ridge model stored under 'ridge' (trained on S01)."""
+    path = tmp_path_factory.mktemp("cli_trained") / "trained.h5ad"
+    adata = ad.read_h5ad(h5ad)
+    sthisto.tl.train(adata, "ridge", train_mask=["S01"])
+    adata.write_h5ad(path)
+    return path
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def test_every_flag_has_help_and_one_spelling_of_out(capsys):
+    for name, parser in {"sthisto": build_parser(), **_subparsers()}.items():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, f"{name} {action.option_strings or action.dest}"
+    for command in COMMANDS:
+        assert main([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert "--output" not in text, command  # the old spellings are accepted but not shown
+        assert "-o OUTPUT, --out OUTPUT" in text or "-o DIR, --out DIR" in text, command
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for text in (docs, readme):
+        assert "sthisto demo --out demo_report" in text
+        assert re.search(r"sthisto [a-z-]+ [^\n`]*(--output|-o )", text) is None  # examples spell --out
+
+
+def test_old_spelling_of_out_still_works_with_a_note(h5ad, tmp_path, capsys):
+    out = tmp_path / "e.h5ad"
+    assert main(["evaluate", str(h5ad), "--predicted", "x", "--output", str(out), "-q"]) == 1  # no layer x
+    err = capsys.readouterr().err
+    assert "--output is now spelled --out" in err and "layers['x'] is missing" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "{trained}", "--model", "ridge", "-o", "{existing}"], "pass --overwrite"),
+        (["predict", "{trained}", "--model", "ridge", "-o", "{tmp}/p.csv"], "must end in .h5ad or .zarr"),
+        (["predict", "{trained}", "--model", "ridge", "-o", "{tmp}/missing/p.h5ad"], "does not exist"),
+        (["predict", "{trained}", "--model", "ridge", "-o", "{folder}.h5ad", "--overwrite"], "is a folder"),
+        (["train", "{trained}", "-m", "ridge", "-o", "{tmp}/missing/t.h5ad"], "does not exist"),
+        (["train", "{trained}", "-m", "ridge", "--save-model", "{existing}"], "is a file"),
+        (["calibrate", "{trained}", "--model", "ridge", "--calibration-libraries", "S02", "-o", "{existing}"],
+         "pass --overwrite"),
+        (["cross-validate", "{trained}", "-m", "ridge", "--table", "{tmp}/m.txt"], "must end in .csv"),
+        (["cross-validate", "{trained}", "-m", "ridge", "--table", "{existing_csv}"], "pass --overwrite"),
+        (["evaluate", "{trained}", "--predicted", "p", "-o", "{tmp}/nowhere/e.zarr"], "does not exist"),
+        (["superresolve", "{trained}", "--model", "ridge", "-o", "{existing}"], "pass --overwrite"),
+        (["demo", "-o", "{tmp}/missing/report"], "does not exist"),
+        (["demo", "-o", "{existing}"], "is a file"),
+    ],
+)  # fmt: skip
+def test_outputs_are_checked_before_any_work(argv, message, trained, tmp_path, capsys, monkeypatch):
+    existing, existing_csv, folder = tmp_path / "exists.h5ad", tmp_path / "exists.csv", tmp_path / "folder"
+    existing.write_bytes(b"keep")
+    existing_csv.write_text("keep")
+    (tmp_path / "folder.h5ad").mkdir()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the outputs were checked")
+
+    monkeypatch.setattr(cli, "read_input", no_work)
+    monkeypatch.setattr(sthisto.datasets, "synthetic", no_work)
+    names = {"trained": trained, "existing": existing, "existing_csv": existing_csv, "folder": folder, "tmp": tmp_path}
+    code = main([item.format(**names) for item in argv] + ["-q"])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err and "work started" not in err, err
+    assert existing.read_bytes() == b"keep" and existing_csv.read_text() == "keep"
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_predict_writes_a_spatialdata_zarr(trained, tmp_path, capsys):
+    spatialdata = pytest.importorskip("spatialdata")
+    out = tmp_path / "p.zarr"
+    assert main(["predict", str(trained), "--model", "ridge", "-o", str(out), "-q"]) == 0, capsys.readouterr().err
+    table = spatialdata.read_zarr(out).tables["table"]
+    assert "ridge" in table.layers and np.isfinite(np.asarray(table.layers["ridge"])).all()
+    assert _leftovers(tmp_path) == []
+    # Replacing it keeps exactly one store and nothing beside it.
+    assert main(["predict", str(trained), "--model", "ridge", "-o", str(out), "--overwrite", "-q"]) == 0
+    assert "ridge" in spatialdata.read_zarr(out).tables["table"].layers
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["p.zarr", "p.h5ad"])
+def test_failed_write_leaves_no_partial_output(name, trained, tmp_path, capsys, monkeypatch):
+    class _Broken:
+        def write(self, path):
+            Path(path).mkdir()
+            (Path(path) / "zarr.json").write_text("{}")  # a store begun, then the write fails
+            raise OSError("disk full")
+
+    def broken_h5ad(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sthisto.io, "to_spatialdata", lambda adata: _Broken())
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", broken_h5ad)
+    out = tmp_path / name
+    assert main(["predict", str(trained), "--model", "ridge", "-o", str(out), "-q"]) == 1
+    assert "disk full" in capsys.readouterr().err
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+    # An earlier output survives a failed --overwrite untouched.
+    if name.endswith(".zarr"):
+        out.mkdir()
+        (out / "zarr.json").write_text("earlier")
+        marker = out / "zarr.json"
+    else:
+        out.write_bytes(b"earlier")
+        marker = out
+    assert main(["predict", str(trained), "--model", "ridge", "-o", str(out), "--overwrite", "-q"]) == 1
+    assert marker.read_bytes() == b"earlier" and _leftovers(tmp_path) == []
+
+
+def test_failed_demo_leaves_no_partial_report(tmp_path, tiny_method, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(sthisto.pl, "domain_maps", broken)  # after metrics and the first figure are written
+    folder = tmp_path / "demo"
+    assert main(["demo", "--out", str(folder), "-m", tiny_method, "--n-spots", "30", "--n-genes", "6",
+                 "--max-epochs", "1", "-q"]) == 1  # fmt: skip
+    assert "drawing failed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_library_errors_name_the_flags(trained, tmp_path, capsys):
+    # 'ridge' is already stored in the input: the library says overwrite=True / key_added=...
+    out = tmp_path / "again.h5ad"
+    assert main(["train", str(trained), "-m", "ridge", "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "--key-added <new name>" in err, err
+    assert "overwrite=" not in err and "key_added" not in err
+    assert not out.exists()
+
+
+def test_cli_words():
+    train = _subparsers()["train"]
+    said = cli_words(
+        "Pass overwrite=True to replace it, or key_added='<new name>' to keep both; train_mask=['S1'] "
+        "and max_epochs=5. Not a flag: bootstrap=True, n_members=K.",
+        train,
+    )
+    assert said == (
+        "Pass --overwrite to replace it, or --key-added <new name> to keep both; --train-libraries ['S1'] "
+        "and --max-epochs 5. Not a flag: bootstrap=True, --n-members K."
+    )
+    assert cli_words("key_added= must be a string.", _subparsers()["demo"]) == "key_added= must be a string."
+
+
+def test_training_reports_its_spots_and_prints_plain_progress(h5ad, tmp_path, tiny_method, capsys):
+    out = tmp_path / "t.h5ad"
+    code = main(["train", str(h5ad), "-m", tiny_method, "--train-libraries", "S01", "--max-epochs", "3",
+                 "--validation", "0.25", "-o", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err  # captured: not a terminal, so plain lines instead of a bar
+    adata = ad.read_h5ad(h5ad)
+    n_s01 = int((adata.obs["library_id"] == "S01").sum())
+    assert n_s01 < adata.n_obs
+    assert f"training {tiny_method} on {n_s01} spots of S01" in err
+    record = sthisto.tl.get_model(ad.read_h5ad(out), tiny_method).trained_on
+    assert 0 < record["n_fit_spots"] < n_s01
+    assert f"trained on {record['n_fit_spots']} spots ({record['n_validation_spots']} more held out" in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert lines[0].startswith("epoch 1/3  train loss") and lines[-1].startswith("epoch 3/3")
+    assert "val loss" in lines[-1] and "\r" not in err
+
+    assert main(["train", str(h5ad), "-m", tiny_method, "--max-epochs", "2", "-o", str(out), "--overwrite", "-q"]) == 0
+    assert capsys.readouterr().err == ""

@@ -86,9 +86,9 @@ def _nbytes(value) -> int:
 
 def test_train_round_trips_through_h5ad_with_weights_in_uns_and_in_a_file(data, tmp_path):
     adata = _fresh(data)
-    sthisto.tl.train(adata, METHOD, key_added="inline", train_mask=["S01"], progress_bar=False)
+    sthisto.tl.train(adata, METHOD, key_added="inline", train_mask=["S01"], progress=False)
     sthisto.tl.train(
-        adata, METHOD, key_added="filed", train_mask=["S01"], progress_bar=False, models_dir=tmp_path / "models"
+        adata, METHOD, key_added="filed", train_mask=["S01"], progress=False, models_dir=tmp_path / "models"
     )
     inline, filed = (adata.uns["sthisto"]["models"][k] for k in ("inline", "filed"))
     assert "weights" in inline and "weights" not in filed
@@ -121,7 +121,7 @@ def test_train_round_trips_through_h5ad_with_weights_in_uns_and_in_a_file(data, 
 
 def test_a_moved_or_changed_weights_file_is_refused_and_found_again(data, tmp_path):
     adata = _fresh(data)
-    sthisto.tl.train(adata, METHOD, train_mask=["S01"], progress_bar=False, models_dir=tmp_path / "models")
+    sthisto.tl.train(adata, METHOD, train_mask=["S01"], progress=False, models_dir=tmp_path / "models")
     expected = sthisto.tl.get_model(adata, METHOD).predict(adata)
 
     shutil.move(tmp_path / "models", tmp_path / "elsewhere")
@@ -142,21 +142,21 @@ def test_a_moved_or_changed_weights_file_is_refused_and_found_again(data, tmp_pa
 def test_train_checks_the_weights_file_before_training(data, tmp_path):
     adata = _fresh(data)
     folder = tmp_path / "models"
-    sthisto.tl.train(adata, METHOD, progress_bar=False, models_dir=folder)
+    sthisto.tl.train(adata, METHOD, progress=False, models_dir=folder)
     first = (folder / f"{METHOD}.safetensors").read_bytes()
     other = _fresh(data)
     with pytest.raises(KeyExistsError, match="overwrite=True"):
-        sthisto.tl.train(other, METHOD, progress_bar=False, models_dir=folder, seed=1)
+        sthisto.tl.train(other, METHOD, progress=False, models_dir=folder, seed=1)
     assert "sthisto" not in other.uns and (folder / f"{METHOD}.safetensors").read_bytes() == first
-    sthisto.tl.train(other, METHOD, progress_bar=False, models_dir=folder, seed=1, overwrite=True)
+    sthisto.tl.train(other, METHOD, progress=False, models_dir=folder, seed=1, overwrite=True)
     assert (folder / f"{METHOD}.safetensors").read_bytes() != first
     with pytest.raises(InputError, match="changed since it was written"):  # the first record's file was replaced
         sthisto.tl.get_model(adata, METHOD)
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(InputError, match="is a file, not a folder"):
-        sthisto.tl.train(_fresh(data), METHOD, progress_bar=False, models_dir=tmp_path / "a_file")
+        sthisto.tl.train(_fresh(data), METHOD, progress=False, models_dir=tmp_path / "a_file")
     with pytest.raises(InputError, match="store=False"):
-        sthisto.tl.train(_fresh(data), METHOD, progress_bar=False, models_dir=folder, store=False)
+        sthisto.tl.train(_fresh(data), METHOD, progress=False, models_dir=folder, store=False)
 
 
 def test_cross_validate_keeps_fold_records_without_weights_by_default(data, tmp_path):

@@ -10,12 +10,18 @@ This module imports nothing heavy at import time, so ``sthisto --help`` answers 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 import traceback
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,23 +71,45 @@ def read_input(path: str | Path):
 
 
 def check_output(path: str | Path | None, *, overwrite: bool, suffixes: Sequence[str] = (".h5ad", ".zarr")) -> None:
-    """Refuse an output path before any work is done: wrong suffix, or existing without ``--overwrite``."""
+    """Refuse an output path before any work is done.
+
+    Refused: a wrong suffix, a missing parent folder, an existing output without
+    ``--overwrite``, and anything that replacing would destroy other than an output of the same
+    kind (a folder where a file goes, a folder that is not a zarr store).
+    """
     if path is None:
         return
     path = Path(path)
     if suffixes and path.suffix not in suffixes:
         raise UsageError(f"output {str(path)!r} must end in {' or '.join(suffixes)}.")
-    if path.exists() and not overwrite:
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            f"the folder of output {str(path)!r} does not exist ({str(parent)!r}); create it first "
+            f"(mkdir -p {parent}) or choose another path."
+        )
+    if not path.exists():
+        return
+    if not overwrite:
         raise FileExistsError(f"output {str(path)!r} exists; pass --overwrite to replace it or choose another path.")
-    if path.exists() and path.suffix == ".zarr" and not any((path / name).exists() for name in _ZARR_MARKERS):
+    if path.suffix == ".zarr" and not any((path / name).exists() for name in _ZARR_MARKERS):
         # Replacing a .zarr output removes the folder: only ever one that is a zarr store.
         raise FileExistsError(
             f"output {str(path)!r} exists and is not a zarr store; refusing to replace it so that none of its "
             f"files are lost. Choose another path."
         )
+    if path.suffix != ".zarr" and path.is_dir():
+        raise FileExistsError(
+            f"output {str(path)!r} is a folder; refusing to replace it with a file. Choose another path."
+        )
 
 
 _ZARR_MARKERS = (".zgroup", ".zattrs", "zarr.json")
+
+
+def check_table(path: str | Path | None, *, overwrite: bool) -> None:
+    """Refuse a ``--table`` path before any work is done (see :func:`check_output`)."""
+    check_output(path, overwrite=overwrite, suffixes=(".csv",))
 
 
 def check_model_folder(path: str | Path | None, *, overwrite: bool) -> None:
@@ -118,23 +146,66 @@ def merge_params(explicit: dict[str, Any], defaults: dict[str, Any], params: dic
 
 
 def write_output(adata, path: str | Path, *, overwrite: bool) -> Path:
-    """Write ``adata`` to ``.h5ad`` (or a SpatialData ``.zarr`` via :func:`sthisto.io.to_spatialdata`)."""
+    """Write ``adata`` to ``.h5ad`` (or a SpatialData ``.zarr`` via :func:`sthisto.io.to_spatialdata`).
+
+    The data are written to a hidden sibling first and moved into place only when complete, so
+    a failed write leaves neither a half-written output nor a damaged earlier one.
+    """
     path = Path(path)
     check_output(path, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".h5ad":
-        adata.write_h5ad(path)
+        _write_atomically(path, adata.write_h5ad)
         return path
     try:
         from .io import to_spatialdata
     except (ImportError, AttributeError) as err:
         raise RuntimeError(f"writing .zarr needs sthisto.io.to_spatialdata, unavailable here ({err}).") from err
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    to_spatialdata(adata).write(path)
+    _write_atomically(path, lambda partial: to_spatialdata(adata).write(partial))
     return path
+
+
+def write_table(table, path: str | Path, *, overwrite: bool) -> Path:
+    """Write a metrics table as CSV, all or nothing (see :func:`write_output`)."""
+    path = Path(path)
+    check_table(path, overwrite=overwrite)
+    _write_atomically(path, lambda partial: table.to_csv(partial, index=False))
+    return path
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    # Same folder (so the final move is a rename, not a copy) and same suffix (writers check it).
+    return path.with_name(f".{path.stem}.{tag}-{uuid.uuid4().hex[:8]}{path.suffix}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write`` on a hidden sibling of ``path``, then move the result to ``path``."""
+    partial = _sibling(path, "partial")
+    try:
+        write(partial)
+    except BaseException:
+        _remove(partial)
+        raise
+    # A file is replaced in one rename; a folder (zarr) cannot be renamed onto a non-empty one,
+    # so the earlier output steps aside first and comes back if the move fails.
+    aside = _sibling(path, "old") if path.is_dir() else None
+    if aside is not None:
+        os.replace(path, aside)
+    try:
+        os.replace(partial, path)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, path)
+        _remove(partial)
+        raise
+    if aside is not None:
+        _remove(aside)
 
 
 def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
@@ -234,6 +305,36 @@ def markdown_table(frame, *, floatfmt: str = "{:.3f}") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _progress_bar(quiet: bool) -> bool | str:
+    """Lightning's bar on a terminal; plain lines where output goes to a log or a pipe."""
+    if quiet:
+        return False
+    return True if sys.stderr.isatty() else "text"
+
+
+def _spots_of(adata, libraries: Sequence[str] | None) -> str:
+    """``"300 spots of S01, S02"``: the spots of the training sections, not of the whole input."""
+    if libraries is None:
+        return f"{adata.n_obs} spots"
+    import numpy as np
+
+    n = int(np.isin(adata.obs["library_id"].astype(str), list(libraries)).sum())
+    return f"{n} spots of {', '.join(libraries)}"
+
+
+def _trained_summary(model) -> str:
+    """What training used, from the model's own record (spots fitted, held out, epochs, loss)."""
+    record = model.trained_on
+    n_fit = record.get("n_fit_spots", record.get("n_spots"))
+    line = f"trained on {n_fit} spots"
+    if record.get("n_validation_spots"):
+        line += f" ({record['n_validation_spots']} more held out for validation)"
+    history = model.history.get("train_loss", [])
+    if history:
+        line += f"; {len(history)} epochs, final training loss {history[-1]:.4g}"
+    return line
+
+
 # --- commands -----------------------------------------------------------------------------------------
 def cmd_train(args, progress: _Progress) -> int:
     """Train a method; keep the model in the output AnnData and/or a folder."""
@@ -241,7 +342,7 @@ def cmd_train(args, progress: _Progress) -> int:
 
     if args.output is None and args.save_model is None:
         raise UsageError(
-            "nothing would be kept: pass -o/--output (AnnData with the stored model) and/or --save-model DIR."
+            "nothing would be kept: pass -o/--out (AnnData with the stored model) and/or --save-model DIR."
         )
     check_output(args.output, overwrite=args.overwrite)
     check_model_folder(args.save_model, overwrite=args.overwrite)
@@ -260,15 +361,13 @@ def cmd_train(args, progress: _Progress) -> int:
     }
     defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0, "n_members": 1, "recipe": "paper"}
     kwargs = merge_params(options, defaults, parse_params(args.param))
-    kwargs.setdefault("progress", not args.quiet and sys.stderr.isatty())
+    kwargs.setdefault("progress", _progress_bar(args.quiet))
     kwargs["overwrite"] = args.overwrite
     progress(f"reading {args.input}")
     adata = read_input(args.input)
-    progress(f"training {args.method} on {adata.n_obs} spots")
+    progress(f"training {args.method} on {_spots_of(adata, kwargs.get('train_mask'))}")
     model = tl.train(adata, args.method, **kwargs)
-    history = model.history.get("train_loss", [])
-    if history:
-        progress(f"trained {len(history)} epochs; final training loss {history[-1]:.4g}")
+    progress(_trained_summary(model))
     if args.save_model is not None:
         path = model.save(args.save_model, overwrite=args.overwrite)
         progress(f"saved the model to {path}")
@@ -322,9 +421,8 @@ def cmd_calibrate(args, progress: _Progress) -> int:
         raise UsageError("--calibration-libraries is required: sections not used for training, e.g. S3.")
     folder = Path(args.model).is_dir()
     if not folder and args.output is None:
-        raise UsageError(
-            "the model is stored in INPUT: pass -o/--output to write the AnnData with the calibrated model."
-        )
+        raise UsageError("the model is stored in INPUT: pass -o/--out to write the AnnData with the calibrated model.")
+    check_output(args.output, overwrite=args.overwrite)
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     progress(f"calibrating {args.model} on {', '.join(libraries)}")
@@ -383,7 +481,7 @@ def cmd_cross_validate(args, progress: _Progress) -> int:
         else:
             folds = _names(args.folds)
     check_output(args.output, overwrite=args.overwrite)
-    check_output(args.table, overwrite=args.overwrite, suffixes=())
+    check_table(args.table, overwrite=args.overwrite)
     options = {
         "folds": folds,
         "key_added": args.key_added,
@@ -413,8 +511,7 @@ def cmd_cross_validate(args, progress: _Progress) -> int:
     table = tl.cross_validate(adata, methods, split=args.split, **kwargs)
     _print_table(_summary(table))
     if args.table is not None:
-        table.to_csv(args.table, index=False)
-        progress(f"wrote {args.table}")
+        progress(f"wrote {write_table(table, args.table, overwrite=args.overwrite)}")
     if args.output is not None:
         progress(f"wrote {write_output(adata, args.output, overwrite=args.overwrite)}")
     return 0
@@ -425,7 +522,7 @@ def cmd_evaluate(args, progress: _Progress) -> int:
     from . import tl
 
     check_output(args.output, overwrite=args.overwrite)
-    check_output(args.table, overwrite=args.overwrite, suffixes=())
+    check_table(args.table, overwrite=args.overwrite)
     progress(f"reading {args.input}")
     adata = read_input(args.input)
     progress(f"evaluating layers[{args.predicted!r}]")
@@ -442,8 +539,7 @@ def cmd_evaluate(args, progress: _Progress) -> int:
     )
     _print_table(_summary(table))
     if args.table is not None:
-        table.to_csv(args.table, index=False)
-        progress(f"wrote {args.table}")
+        progress(f"wrote {write_table(table, args.table, overwrite=args.overwrite)}")
     if args.output is not None:
         progress(f"wrote {write_output(adata, args.output, overwrite=args.overwrite)}")
     return 0
@@ -451,17 +547,16 @@ def cmd_evaluate(args, progress: _Progress) -> int:
 
 def cmd_demo(args, progress: _Progress) -> int:
     """Quickstart on synthetic data: train, predict a held-out section, evaluate, report."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from . import datasets, pl, pp, tl
-
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} is a file; give a folder for the report.")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"output folder {str(out)!r} is not empty; pass --overwrite or choose another folder.")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(
+            f"the folder of --out {str(out)!r} does not exist ({str(out.parent)!r}); create it first or choose "
+            f"another path."
+        )
     if args.n_sections < 2:
         raise UsageError("--n-sections must be at least 2 (train on some, predict a held-out one).")
     options = {"max_epochs": args.max_epochs, "device": args.device, "seed": args.seed}
@@ -470,7 +565,29 @@ def cmd_demo(args, progress: _Progress) -> int:
         if reserved in kwargs:
             raise UsageError(f"--param {reserved}=... is set by the demo itself; leave it out.")
     kwargs.setdefault("progress", False)
-    out.mkdir(parents=True, exist_ok=True)
+    # The report is drawn in a hidden sibling folder and its files moved in at the end, so that a
+    # failed run leaves no partial report behind.
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        names = _demo_report(args, progress, kwargs, stage)
+        out.mkdir(exist_ok=True)
+        for name in names:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    progress(f"wrote the report to {out / 'report.md'}")
+    return 0
+
+
+def _demo_report(args, progress: _Progress, kwargs: dict[str, Any], out: Path) -> list[str]:
+    """Run the demo and write its report into ``out``; returns the names of the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from . import datasets, pl, pp, tl
 
     progress(f"[1/5] generating {args.n_sections} synthetic sections (~{args.n_spots} spots, {args.n_genes} genes)")
     adata = datasets.synthetic(n_sections=args.n_sections, n_spots=args.n_spots, n_genes=args.n_genes, seed=args.seed)
@@ -484,6 +601,7 @@ def cmd_demo(args, progress: _Progress) -> int:
         key_added="demo_model",
         **kwargs,
     )
+    progress(f"[2/5] {_trained_summary(model)}")
     progress(f"[3/5] predicting held-out section {held_out}")
     test = adata[adata.obs["library_id"].astype(str) == held_out].copy()
     tl.predict(test, model, key_added="predicted", device=args.device)
@@ -544,11 +662,29 @@ def cmd_demo(args, progress: _Progress) -> int:
     ]
     (out / "report.md").write_text("\n".join(report))
     print(f"pearson_gene_mean={overall.get('pearson_gene_mean', np.nan):.4f}")
-    progress(f"wrote the report to {out / 'report.md'}")
-    return 0
+    return ["metrics.csv", "metrics.md", *figures, "report.md"]
 
 
 # --- parser --------------------------------------------------------------------------------------
+DEVICE_HELP = "auto, cpu, cuda, cuda:1 (default auto)"
+OVERWRITE_HELP = "replace existing outputs"
+
+OLD_SPELLINGS = {"--output": "--out", "--output-dir": "--out"}
+"""Earlier names of options, still accepted (with a note on stderr) and left out of ``--help``."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, showing each option under its current names only."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        current = [name for name in action.option_strings if name not in OLD_SPELLINGS]
+        if len(current) == len(action.option_strings):
+            return super()._format_action_invocation(action)
+        shown = copy.copy(action)
+        shown.option_strings = current
+        return super()._format_action_invocation(shown)
+
+
 def _add_common(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
     # On sub-commands the defaults are suppressed, so 'sthisto -v train' keeps the top-level flag.
     default = False if top else argparse.SUPPRESS
@@ -563,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
+        formatter_class=_HelpFormatter,
         description="Predict spatial gene expression from H&E images (THItoGene, HGGEF, HisToSGE, HistoSPACE, "
         "ridge baseline). Inputs: .h5ad or SpatialData .zarr.",
         epilog="Run 'sthisto <command> --help' for the options of a command. Exit codes: 0 ok, 1 failure, 2 usage.",
@@ -573,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=description)
+        p = sub.add_parser(name, help=help_text, description=description, formatter_class=_HelpFormatter)
         _add_common(p)
         return p
 
@@ -584,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-m", "--method", required=True, help="method name, e.g. thitogene, hggef, histosge, histospace, ridge"
     )
-    p.add_argument("-o", "--output", help="write the AnnData with the stored model here (.h5ad or .zarr)")
+    p.add_argument("-o", "--out", "--output", dest="output",
+                   help="write the AnnData with the stored model here (.h5ad or .zarr)")  # fmt: skip
     p.add_argument("--save-model", metavar="DIR", help="also save the model to this folder (manifest + safetensors)")
     p.add_argument(
         "--models-dir",
@@ -597,8 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-added", help="name of the stored model (default: the method)")
     p.add_argument("--max-epochs", type=int, help="epochs (default: the paper's)")
     p.add_argument("--validation", help="fraction of training spots, or comma-separated training libraries")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and validation split (default 0)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable), e.g. lr=1e-4")
     p.add_argument("--n-members", type=int, default=1, help="train a deep ensemble of this many members (default 1)")
     p.add_argument(
@@ -607,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="paper",
         help="how networks are optimised: the paper's settings (default) or the small-data recipe",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_train)
 
     p = command("predict", "predict expression with a trained model",
@@ -615,10 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "folder, writing layers[KEY] (or a new AnnData for image-only input) to OUTPUT.")  # fmt: skip
     p.add_argument("input", help=".h5ad file or SpatialData .zarr store")
     p.add_argument("--model", required=True, help="key in uns['sthisto']['models'] or a saved-model folder")
-    p.add_argument("-o", "--output", required=True, help="output .h5ad or .zarr")
+    p.add_argument("-o", "--out", "--output", dest="output", required=True, help="output .h5ad or .zarr")
     p.add_argument("--key-added", help="output layer name (default: the model's key or method)")
     p.add_argument("--libraries", metavar="IDS", help="comma-separated library ids to predict (default all)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--uncertainty",
         choices=["ensemble", "dropout", "distribution"],
@@ -631,8 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="conformal interval of this coverage (e.g. 0.9) to layers[KEY_lower/_upper]; needs calibrate",
     )
     p.add_argument("--n-samples", type=int, default=20, help="Monte-Carlo dropout passes (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the dropout passes")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dropout passes (default 0)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = command(
@@ -651,9 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also fit intervals normalised by this spread",
     )
     p.add_argument("--n-samples", type=int, default=20, help="Monte-Carlo dropout passes (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("-o", "--output", help="write the AnnData with the calibrated model record here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dropout passes (default 0)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("-o", "--out", "--output", dest="output",
+                   help="write the AnnData with the calibrated model record here (.h5ad or .zarr)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing calibration / output")
     p.set_defaults(func=cmd_calibrate)  # fmt: skip
 
@@ -662,9 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "(sthisto.tl.superresolve), writing the new spots to OUTPUT.")  # fmt: skip
     p.add_argument("input", help=".h5ad file or SpatialData .zarr store")
     p.add_argument("--model", required=True, help="key in uns['sthisto']['models'] or a saved-model folder")
-    p.add_argument("-o", "--output", required=True, help="output .h5ad or .zarr")
+    p.add_argument("-o", "--out", "--output", dest="output", required=True, help="output .h5ad or .zarr")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="option of tl.superresolve (repeatable)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_superresolve)
 
     p = command("cross-validate", "out-of-fold predictions and metrics under a named protocol",
@@ -673,18 +812,19 @@ def build_parser() -> argparse.ArgumentParser:
                 "the overall metrics.")  # fmt: skip
     p.add_argument("input", help=".h5ad file or SpatialData .zarr store")
     p.add_argument("-m", "--method", required=True, nargs="+", help="one or more methods (compared on the same folds)")
-    p.add_argument("--split", choices=["section", "patient", "spots"], default="section")
+    p.add_argument("--split", choices=["section", "patient", "spots"], default="section",
+                   help="protocol: leave one section out (default), leave one patient out, or random spots")  # fmt: skip
     p.add_argument("--folds", help="sections/patients to test (comma-separated), or the held-out fraction for spots")
     p.add_argument("--genes", help="genes (comma-separated, @file, var column) or a per-fold rule such as hvg:1000")
     p.add_argument("--layer", help="train on and score against this layer")
     p.add_argument("--labels-key", help="obs column of annotations for ARI/NMI")
     p.add_argument("--key-added", help="output key (one method) or prefix (several)")
-    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--max-epochs", type=int, help="epochs of every fold (default: the paper's)")
     p.add_argument("--validation", help="validation inside each fold's training data: fraction or libraries")
     p.add_argument("--device", help="device of every fold (default auto)")
     p.add_argument("--devices", metavar="DEVS", help="comma-separated devices for parallel folds, e.g. cuda:0,cuda:1")
     p.add_argument("--n-jobs", type=int, default=1, help="folds trained at once (worker processes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every fold (default 0)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
     p.add_argument(
         "--store-weights",
@@ -701,9 +841,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="deprecated and now the default: fold records are kept without weights",
     )
-    p.add_argument("-o", "--output", help="write the AnnData with predictions and records here")
-    p.add_argument("--table", metavar="CSV", help="write the tidy metrics table here")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-o", "--out", "--output", dest="output",
+                   help="write the AnnData with predictions and records here (.h5ad or .zarr)")  # fmt: skip
+    p.add_argument("--table", metavar="CSV", help="write the tidy metrics table here (.csv)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_cross_validate)
 
     p = command("evaluate", "score predictions against observed expression",
@@ -716,27 +857,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-key", help="obs column of annotations for ARI/NMI")
     p.add_argument("--genes", help="genes (comma-separated, @file, or a boolean var column)")
     p.add_argument("--key-added", help="key of the stored results (default: PREDICTED)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--table", metavar="CSV", help="write the tidy metrics table here")
-    p.add_argument("-o", "--output", help="write the AnnData with the stored results here")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the k-means and Leiden clusterings (default 0)")
+    p.add_argument("--table", metavar="CSV", help="write the tidy metrics table here (.csv)")
+    p.add_argument("-o", "--out", "--output", dest="output",
+                   help="write the AnnData with the stored results here (.h5ad or .zarr)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = command("demo", "quickstart on synthetic data, with a small report",
                 "Generate synthetic H&E sections, train a method on all but one, predict the held-out section, "
                 "evaluate, and write metrics (CSV, Markdown) and figures (PNG) with report.md to a folder.")  # fmt: skip
-    p.add_argument("-o", "--output-dir", default="sthisto_demo", help="report folder (default ./sthisto_demo)")
+    p.add_argument("-o", "--out", "--output-dir", dest="output_dir", default="sthisto_demo", metavar="DIR",
+                   help="report folder (default ./sthisto_demo)")  # fmt: skip
     p.add_argument("-m", "--method", default="ridge", help="method (default ridge: fast, closed form)")
     p.add_argument("--max-epochs", type=int, help="epochs for neural methods (default: the method's)")
-    p.add_argument("--n-sections", type=int, default=3)
+    p.add_argument("--n-sections", type=int, default=3, help="synthetic sections; the last is held out (default 3)")
     p.add_argument("--n-spots", type=int, default=150, help="spots per section (approximate)")
-    p.add_argument("--n-genes", type=int, default=30)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-genes", type=int, default=30, help="genes (default 30)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+# Library keywords whose command-line flag is not the keyword spelled with dashes.
+_KEYWORD_FLAGS = {"train_mask": "--train-libraries", "calibration": "--calibration-libraries"}
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
+def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """Say a library message in the command's terms: ``overwrite=True`` → ``--overwrite``.
+
+    Only keywords that the command has a flag for are translated (``key_added='x'`` →
+    ``--key-added x``); any other Python keyword is left as written.
+    """
+    if parser is None:
+        return message
+    flags: dict[str, tuple[str, bool]] = {}
+    for action in parser._actions:
+        long = [name for name in action.option_strings if name.startswith("--") and name not in OLD_SPELLINGS]
+        if long:
+            flags[action.dest] = (long[0], isinstance(action, argparse._StoreTrueAction))
+    for keyword, flag in _KEYWORD_FLAGS.items():
+        if any(flag == name for name, _ in flags.values()):
+            flags[keyword] = (flag, False)
+    for keyword, (flag, switch) in flags.items():
+        # keyword=True, keyword='quoted value', keyword=value (a trailing full stop is the sentence's), keyword=
+        pattern = re.compile(
+            rf"(?<![\w.\-]){re.escape(keyword)}=(?:(True)\b|(['\"])(.*?)\2|([^\s,;:)\]]+?)(?=\.?(?:[\s,;:)\]]|$)))?"
+        )
+
+        def spelled(match: re.Match, flag: str = flag, switch: bool = switch) -> str:
+            value = match.group(3) if match.group(2) else match.group(4)
+            if switch or match.group(1) or value is None:
+                return flag
+            return f"{flag} {value}"
+
+        message = pattern.sub(spelled, message)
+    return message
 
 
 def _one_line(error: BaseException) -> str:
@@ -749,6 +935,13 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sthisto`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for item in argv:
+        if item == "--":
+            break
+        name = item.partition("=")[0]
+        if name in OLD_SPELLINGS:
+            print(f"{PROG}: {name} is now spelled {OLD_SPELLINGS[name]}; the old name will go.", file=sys.stderr)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help / --version (0) and usage errors (2)
@@ -762,6 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_verbosity = settings.verbosity
     settings.verbosity = "hint" if verbose else "warning"
     progress = _Progress(args.command, quiet)
+    command_parser = _command_parser(parser, args.command)
     try:
         with warnings.catch_warnings():
             if not verbose:
@@ -777,7 +971,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # every failure: one line, traceback only on request
         if verbose:
             traceback.print_exc()
-        print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {cli_words(_one_line(error), command_parser)}", file=sys.stderr)
         return 1
     finally:
         settings.verbosity = previous_verbosity

@@ -30,6 +30,7 @@ from .._device import lightning_accelerator  # noqa: E402
 from .._errors import InputError  # noqa: E402
 from .._logging import logger  # noqa: E402
 from .._spots import library_ids  # noqa: E402
+from ._progress import progress_callbacks  # noqa: E402
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
@@ -270,7 +271,7 @@ def run_training(
     early_stopping: int | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
-    progress_bar: bool = True,
+    progress_bar: bool | str = True,
     verbose: bool = False,
 ) -> _History:
     """Run Lightning on ready items for any object with the training protocol.
@@ -293,7 +294,8 @@ def run_training(
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
     history = _History(model, keep_best=bool(val_items))
     history.precision = precision
-    callbacks: list[pl.Callback] = [_EpochReseed(seed), history]
+    enable_progress_bar, progress = progress_callbacks(progress_bar)
+    callbacks: list[pl.Callback] = [_EpochReseed(seed), history, *progress]
     if early_stopping and val_items:
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val_loss", patience=int(early_stopping), mode="min"))
     elif early_stopping:
@@ -331,7 +333,7 @@ def run_training(
             callbacks=callbacks,
             logger=False,
             enable_checkpointing=checkpoint_dir is not None,
-            enable_progress_bar=progress_bar,
+            enable_progress_bar=enable_progress_bar,
             enable_model_summary=False,
             num_sanity_val_steps=0,
             use_distributed_sampler=False,

@@ -192,7 +192,7 @@ def train(
     strategy: str = "auto",
     num_nodes: int = 1,
     precision: str | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     store: bool = True,
     models_dir: str | Path | None = None,
     overwrite: bool = False,
@@ -243,7 +243,10 @@ def train(
         Passed to :class:`lightning.pytorch.Trainer` (e.g. ``devices=4, strategy="ddp"``).
         ``precision`` defaults to ``"bf16-mixed"`` on GPU and ``"32-true"`` on CPU.
     progress
-        Show Lightning's progress bar. (Formerly ``progress_bar=``, deprecated.)
+        ``True``: Lightning's progress bar; ``False``: silent; ``"text"``: a plain line after
+        the first and last epochs and at most every 10 s in between (epoch, losses, seconds),
+        for logs and pipes where a redrawn bar is unreadable. (Formerly ``progress_bar=``,
+        deprecated.)
     store
         Store the model record in ``uns['sthisto']['models'][key_added]``.
     models_dir
