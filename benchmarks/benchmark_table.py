@@ -69,6 +69,7 @@ FULL_METHODS = {
     "thitogene": {},
     "hggef": {},
 }
+SECTION_WIDE = ("thitogene", "hggef")  # the methods that train on spatial sub-sections
 HEADLINE = ["pearson_gene_mean", "pearson_gene_median", "pearson_spot_mean", "rmse", "ssim_mean"]
 
 
@@ -120,6 +121,7 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int, r
     row["genes_constant"] = int(overall["value"].get("n_genes_constant_predicted", 0))
     folds = adata.uns["sthisto"]["cross_validate"]["bench"]["folds"]
     ran = [len(json.loads(info["history"]).get("epoch", [])) for info in folds.values()]
+    crop = next(iter(json.loads(info["trained_on"]).get("subsections") for info in folds.values()), None)
     if cohort == "synthetic":  # learnable vs unlearnable genes, from the pooled per-gene table
         per_gene = sthisto.tl.get_metrics(adata, "bench", per_gene=True)  # one method: its key is key_added
         for prefix, label in (("SYN_DEP", "pcc_image_genes"), ("SYN_IND", "pcc_noise_genes")):
@@ -133,6 +135,7 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int, r
         method=method,
         recipe="closed form" if method.startswith("ridge") else recipe,
         epochs_run=round(sum(ran) / len(ran), 1) if ran and not method.startswith("ridge") else "",
+        subsections=f"{crop['spots']} spots x {crop['per_epoch']}" if crop else "",
         weights=str(table["weights"].iloc[0]),
         random_weights=bool(table["random_weights"].any()),
         n_spots=int(adata.n_obs),
@@ -171,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recipes", nargs="+", default=["paper", "small_data"], help="training recipes of the networks"
     )
+    parser.add_argument(
+        "--subsection-spots",
+        type=int,
+        default=None,
+        help="spots per training sub-section of THItoGene / HGGEF (default: the recipe's; 0: whole sections)",
+    )
+    parser.add_argument("--subsections-per-epoch", type=int, default=None, help="sub-sections per epoch")
     args = parser.parse_args(argv)
 
     settings = FULL_METHODS if args.full else CPU_METHODS
@@ -184,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             params = dict(settings.get(method, {}))
             if args.epochs is not None and not method.startswith("ridge"):
                 params["max_epochs"] = args.epochs
+            if method.startswith(SECTION_WIDE) and args.subsection_spots is not None:
+                params["subsection_spots"] = args.subsection_spots or False
+            if method.startswith(SECTION_WIDE) and args.subsections_per_epoch is not None:
+                params["subsections_per_epoch"] = args.subsections_per_epoch
             print(f"{cohort} / {method} / {recipe} {params} ...", flush=True)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
                 row = pool.submit(run_one, cohort, method, params, args.device, args.threads, recipe).result()
@@ -192,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print("   ", {k: row[k] for k in ("pearson_gene_mean", "pearson_spot_mean", "seconds", "peak_rss_gb")})
             frame = pd.DataFrame(rows)
-            first = ["cohort", "protocol", "method", "recipe", "weights", "random_weights", "epochs", "epochs_run"]
+            first = ["cohort", "protocol", "method", "recipe", "subsections", "weights", "random_weights", "epochs"]
+            first.append("epochs_run")
             frame = frame[first + [c for c in frame.columns if c not in first]]
             frame.to_csv(args.out / "benchmark_table.csv", index=False)  # written as we go: partial runs count
             (args.out / "benchmark_table.md").write_text(markdown(frame))
     if rows:
-        shown = ["cohort", "method", "recipe", "weights", "epochs", "epochs_run", *HEADLINE, "gene_mean_pcc_spot"]
+        shown = ["cohort", "method", "recipe", "subsections", "weights", "epochs", "epochs_run", *HEADLINE]
+        shown.append("gene_mean_pcc_spot")
         shown += ["genes_constant", "seconds", "peak_rss_gb"]
         print(markdown(pd.DataFrame(rows)[shown]))
     return 0
