@@ -22,7 +22,10 @@ resident memory (``ru_maxrss`` of that process) and the wall time belong to that
 Written to ``--out``: ``benchmark_table.csv`` (tidy) and ``benchmark_table.md`` (one row per
 cohort × method: weight provenance (``weights``: ``random``, ``file:<sha256[:12]>``,
 ``hub:<id>@<rev>``, ``none`` when nothing is pretrained; ``random_weights``), per-gene PCC
-mean / median, per-spot PCC mean, RMSE, SSIM, train + predict time, peak memory, epochs).
+mean / median, per-spot PCC mean, RMSE, SSIM, train + predict time, peak memory, epochs), and,
+for runs that validate (``small_data``), ``learning_curves.json``: per fold, the per-gene PCC on
+the held-aside training data after every epoch. THItoGene / HGGEF rows say how they were batched
+(``subsections``: spots per sub-section x sub-sections per epoch; ``--subsection-spots``).
 
 Defaults are CPU settings that finish in about half an hour on 2 cores: the ``*_tiny``
 variants for the deep methods and few epochs (stated in the table). On a GPU run the full
@@ -121,6 +124,8 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int, r
     row["genes_constant"] = int(overall["value"].get("n_genes_constant_predicted", 0))
     folds = adata.uns["sthisto"]["cross_validate"]["bench"]["folds"]
     ran = [len(json.loads(info["history"]).get("epoch", [])) for info in folds.values()]
+    # learning curves: per-gene PCC on each fold's held-aside training data, per epoch
+    curves = {fold: json.loads(info["history"]).get("val_pearson_gene") for fold, info in folds.items()}
     crop = next(iter(json.loads(info["trained_on"]).get("subsections") for info in folds.values()), None)
     if cohort == "synthetic":  # learnable vs unlearnable genes, from the pooled per-gene table
         per_gene = sthisto.tl.get_metrics(adata, "bench", per_gene=True)  # one method: its key is key_added
@@ -145,6 +150,7 @@ def run_one(cohort: str, method: str, params: dict, device: str, threads: int, r
         seconds=round(seconds, 1),
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
         device=device,
+        curves={fold: curve for fold, curve in curves.items() if curve},
     )
     return row
 
@@ -203,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                 row = pool.submit(run_one, cohort, method, params, args.device, args.threads, recipe).result()
             if row.get("skipped"):
                 break
+            curves = row.pop("curves", None)
+            if curves:
+                path = args.out / "learning_curves.json"
+                known = json.loads(path.read_text()) if path.exists() else {}
+                known[f"{cohort}/{method}/{recipe}/{row['subsections'] or 'whole sections'}"] = curves
+                path.write_text(json.dumps(known, indent=1))
             rows.append(row)
             print("   ", {k: row[k] for k in ("pearson_gene_mean", "pearson_spot_mean", "seconds", "peak_rss_gb")})
             frame = pd.DataFrame(rows)
