@@ -30,6 +30,9 @@ resident memory (``ru_maxrss`` of that process) and the wall time belong to that
 Written to ``--out`` as the rows finish (partial runs count): ``benchmark_table.csv`` (tidy, every
 column) and ``benchmark_table.md`` (one table per cohort). ``--append`` keeps the rows already
 in ``--out`` and replaces only those measured again, so a table can be built in several runs.
+For runs that validate (``small_data``), ``learning_curves.json``: per fold, the per-gene PCC on
+the held-aside training data after every epoch. THItoGene / HGGEF rows say how they were batched
+(``subsections``: spots per sub-section x sub-sections per epoch; ``--subsection-spots``).
 
 Defaults are CPU settings: the ``*_tiny`` variants for the deep methods and few epochs (stated
 in the table). ``--full`` runs the papers' networks with their epochs (a GPU's job; on a CPU
@@ -82,6 +85,7 @@ FULL_METHODS = {
     "thitogene": {},
     "hggef": {},
 }
+SECTION_WIDE = ("thitogene", "hggef")  # the methods that train on spatial sub-sections
 HEADLINE = ["pearson_gene_mean", "pearson_gene_median", "pearson_spot_mean", "rmse", "ssim_mean"]
 # Metrics reported per gene group on the synthetic cohort (image-dependent vs independent genes).
 GROUP_METRICS = {"pearson_gene_mean": "pcc_gene_mean", "pearson_gene_median": "pcc_gene_median"}
@@ -191,6 +195,9 @@ def run_one(
     info = adata.uns["sthisto"]["cross_validate"]["bench"]["folds"]
     ran = [len(json.loads(fold["history"]).get("epoch", [])) for fold in info.values()]
     closed_form = method.startswith(CLOSED_FORM)
+    # learning curves: per-gene PCC on each fold's held-aside training data, per epoch
+    curves = {fold: json.loads(fold_info["history"]).get("val_pearson_gene") for fold, fold_info in info.items()}
+    crop = next(iter(json.loads(fold_info["trained_on"]).get("subsections") for fold_info in info.values()), None)
     cls, _ = sthisto.models._registry.resolve_method(method)
     epochs = params.get("max_epochs", cls.all_training_defaults().get("max_epochs"))
     row.update(
@@ -200,6 +207,7 @@ def run_one(
         recipe="closed form" if closed_form else recipe,
         settings=settings_text(params),
         folds=" ".join(folds) if folds else "all",
+        subsections=f"{crop['spots']} spots x {crop['per_epoch']}" if crop else "",
         # where the pretrained components' weights came from, so a random-weight row says so
         weights=str(table["weights"].iloc[0]),
         random_weights=bool(table["random_weights"].any()),
@@ -211,6 +219,7 @@ def run_one(
         seconds=round(seconds, 1),
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
         device=device,
+        curves={fold: curve for fold, curve in curves.items() if curve},
     )
     return row
 
@@ -229,6 +238,7 @@ def gene_mean_row(row: dict) -> dict:
         "recipe": "closed form",
         "settings": "",
         "folds": row["folds"],
+        "subsections": "",
         "weights": "none",
         "random_weights": False,
         "epochs": "",
@@ -271,7 +281,17 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def shown_columns(cohort: str, frame: pd.DataFrame) -> list[str]:
     """The columns of one cohort's Markdown table."""
-    first = ["method", "recipe", "settings", "folds", "weights", "random_weights", "epochs", "epochs_run"]
+    first = [
+        "method",
+        "recipe",
+        "settings",
+        "folds",
+        "subsections",
+        "weights",
+        "random_weights",
+        "epochs",
+        "epochs_run",
+    ]
     if cohort == "synthetic":
         scores = [f"{label}_{name}" for label in GENE_GROUPS for name in GROUP_METRICS.values()]
     else:
@@ -348,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recipes", nargs="+", default=["paper", "small_data"], help="training recipes of the networks"
     )
+    parser.add_argument(
+        "--subsection-spots",
+        type=int,
+        default=None,
+        help="spots per training sub-section of THItoGene / HGGEF (default: the recipe's; 0: whole sections)",
+    )
+    parser.add_argument("--subsections-per-epoch", type=int, default=None, help="sub-sections per epoch")
     args = parser.parse_args(argv)
 
     settings = FULL_METHODS if args.full else CPU_METHODS
@@ -363,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             params = {**settings.get(method, {}), **overrides.get(method, {})}
             if args.epochs is not None and not method.startswith(CLOSED_FORM):
                 params["max_epochs"] = args.epochs
+            if method.startswith(SECTION_WIDE) and args.subsection_spots is not None:
+                params["subsection_spots"] = args.subsection_spots or False
+            if method.startswith(SECTION_WIDE) and args.subsections_per_epoch is not None:
+                params["subsections_per_epoch"] = args.subsections_per_epoch
             print(f"{cohort} / {method} / {recipe} {params} ...", flush=True)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
                 job = pool.submit(run_one, cohort, method, params, args.device, args.threads, recipe, args.folds)
@@ -371,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if not any(r["cohort"] == cohort and r["method"] == "gene_mean" for r in rows):
                 rows.append(gene_mean_row(row))
+            curves = row.pop("curves", None)
+            if curves:
+                path = args.out / "learning_curves.json"
+                known = json.loads(path.read_text()) if path.exists() else {}
+                known[f"{cohort}/{method}/{recipe}/{row['subsections'] or 'whole sections'}"] = curves
+                path.write_text(json.dumps(known, indent=1))
             rows.append(row)
             print("   ", {k: row[k] for k in ("pearson_gene_mean", "pearson_spot_mean", "seconds", "peak_rss_gb")})
             text = write_tables(combined(previous, rows), args.out)  # written as we go: partial runs count

@@ -100,21 +100,40 @@ class _ExpressionModule(pl.LightningModule):
         super().__init__()
         self.network = model.network
         self._model = model
+        self._validation_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, batch):
         return self.network(**self._model.network_inputs(batch))
 
     def _step(self, batch, stage: str):
-        loss = self._model.masked_loss(self(batch), batch)
+        outputs = self(batch)
+        loss = self._model.masked_loss(outputs, batch)
         size = int(batch["loss_mask"].sum()) if "loss_mask" in batch else len(next(iter(batch.values())))
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=max(size, 1), sync_dist=True)
+        if stage == "val" and "target" in batch:
+            prediction, target = outputs["prediction"].detach().float(), batch["target"].detach().float()
+            if "loss_mask" in batch:
+                prediction, target = prediction[batch["loss_mask"]], target[batch["loss_mask"]]
+            self._validation_pairs.append((prediction.cpu(), target.cpu()))
         return loss
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
+    def on_validation_epoch_start(self) -> None:
+        self._validation_pairs = []
+
     def validation_step(self, batch, batch_idx):
         return self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        # The learning curve in the metric the tables report, on held-aside training data: a
+        # loss near the gene-mean loss says little about whether the image is being used.
+        if self._validation_pairs:
+            prediction = torch.cat([p for p, _ in self._validation_pairs]).numpy()
+            target = torch.cat([t for _, t in self._validation_pairs]).numpy()
+            self.log("val_pearson_gene", pearson_per_gene_mean(prediction, target), on_epoch=True)
+        self._validation_pairs = []
 
     def configure_optimizers(self):
         configured = self._model.configure_optimizers(self.network)
@@ -154,6 +173,8 @@ class _History(pl.Callback):
         history["train_loss"].append(float(metrics["train_loss"]) if "train_loss" in metrics else float("nan"))
         val = float(metrics["val_loss"]) if "val_loss" in metrics else float("nan")
         history["val_loss"].append(val)
+        if "val_pearson_gene" in metrics:
+            history.setdefault("val_pearson_gene", []).append(float(metrics["val_pearson_gene"]))
         if self.keep_best and np.isfinite(val) and val < self.best_loss:
             self.best_loss = val
             self.best_epoch = int(epoch)
@@ -173,6 +194,27 @@ class _History(pl.Callback):
         self.best_loss = state_dict["best_loss"]
         self.best_epoch = state_dict["best_epoch"]
         self.best_state = state_dict.get("best_state")
+
+
+def pearson_per_gene_mean(prediction: np.ndarray, target: np.ndarray) -> float:
+    """Mean over genes of the Pearson r between prediction and target across spots.
+
+    Genes constant in the target have no correlation and are left out; a gene the model
+    predicts as a constant while its target varies counts as 0 (it learned nothing), so a
+    collapsing network cannot look good by having few defined genes.
+    """
+    prediction = np.asarray(prediction, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if prediction.ndim != 2 or len(prediction) < 2:
+        return float("nan")
+    p = prediction - prediction.mean(axis=0)
+    t = target - target.mean(axis=0)
+    p_norm, t_norm = np.sqrt((p**2).sum(axis=0)), np.sqrt((t**2).sum(axis=0))
+    varies = t_norm > 1e-12
+    if not varies.any():
+        return float("nan")
+    r = np.where(p_norm > 1e-12, (p * t).sum(axis=0) / np.maximum(p_norm * t_norm, 1e-300), 0.0)
+    return float(r[varies].mean())
 
 
 def split_validation(
@@ -257,7 +299,7 @@ def _loader(items: list[dict], batch_size: int | None, *, seed: int, shuffle: bo
 
 def run_training(
     model,
-    train_items: list[dict],
+    train_items,
     val_items: list[dict],
     *,
     batch_size: int | None,
@@ -279,14 +321,15 @@ def run_training(
     ``model`` needs ``network``, ``network_inputs(batch)``, ``masked_loss(outputs, batch)``,
     ``configure_optimizers(network)``, ``training_params`` and a ``history`` dict. The
     :class:`~sthisto.models.ExpressionModel` classes have them; so does HistoSPACE's
-    autoencoder stage.
+    autoencoder stage. ``train_items`` is a list of ready items, or a dataset with a
+    ``loader()`` of its own (:class:`~sthisto.engine._subsections.SubsectionDataset`).
 
     Returns
     -------
     The history callback (per-epoch losses are also written to ``model.history``). With
     validation items, ``model.network`` ends with the weights of the best validation epoch.
     """
-    if not train_items:
+    if not len(train_items):
         raise InputError("no training items: select at least one training spot (or tile).")
     epochs = int(max_epochs if max_epochs is not None else model.training_params["max_epochs"])
     accelerator, auto_devices = lightning_accelerator(device)
@@ -342,7 +385,11 @@ def run_training(
         )
         trainer.fit(
             module,
-            train_dataloaders=_loader(train_items, batch_size, seed=seed, shuffle=True),
+            train_dataloaders=(
+                train_items.loader()
+                if hasattr(train_items, "loader")
+                else _loader(train_items, batch_size, seed=seed, shuffle=True)
+            ),
             val_dataloaders=_loader(val_items, batch_size, seed=seed, shuffle=False) if val_items else None,
             ckpt_path=ckpt_path,
         )
@@ -403,6 +450,11 @@ def fit_model(
     if model.batching == "spots":  # per-spot items: drop spots whose targets the loss must not see
         train_items = [i for i in train_items if bool(i.pop("loss_mask", True))]
         val_items = [i for i in val_items if bool(i.pop("loss_mask", True))]
+    from ._subsections import SubsectionDataset, subsection_settings
+
+    subsections = subsection_settings(model, int(fit_mask.sum()))
+    if subsections is not None:  # section-wide methods: random spatial crops, validated on whole sections
+        train_items = SubsectionDataset(model, train_items, seed=seed, **subsections)
     history = run_training(
         model,
         train_items,
@@ -433,4 +485,5 @@ def fit_model(
         "seed": int(seed),
         "max_epochs": epochs,
         "precision": str(history.precision),
+        "subsections": subsections,
     }

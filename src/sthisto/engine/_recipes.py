@@ -18,6 +18,9 @@ so that the networks learn from the few sections a user has:
 - validation-driven early stopping on held-aside *training* data (15 % of the training
   spots, or one whole training section when there are four or more), keeping the best
   epoch; never the test fold.
+- section-wide methods (THItoGene, HGGEF) train on random spatial sub-sections of their
+  sections, many optimiser steps per epoch (:mod:`sthisto.engine._subsections`; knobs
+  ``subsection_spots``, ``subsections_per_epoch``, recorded in ``trained_on['subsections']``).
 
 Count-likelihood methods (HGGEF's ZINB) predict count parameters, not the target: their
 targets are neither scaled nor is their output bias set.
@@ -38,7 +41,7 @@ RECIPES = {
     "small_data": (
         "paper architecture and loss; per-gene target scaling, output bias at the training mean, input "
         "standardisation of features, weight decay, warm-up + cosine decay, early stopping on held-aside "
-        "training data"
+        "training data; THItoGene and HGGEF train on random spatial sub-sections"
     ),
 }
 SMALL_DATA_WEIGHT_DECAY = 1e-4

@@ -802,6 +802,9 @@ class HGGEF(ExpressionModel):
     moments being reset with each rebuilt optimiser, and checkpoints chosen on the test fold
     (sthisto never sees the test fold while training; model selection uses ``validation=`` on
     training data).
+
+    Under ``recipe="small_data"`` it trains on random spatial sub-sections (``subsection_spots``,
+    ``subsections_per_epoch``), as THItoGene does; see :mod:`sthisto.engine._subsections`.
     """
 
     name = "hggef"
@@ -828,6 +831,8 @@ class HGGEF(ExpressionModel):
         "max_epochs": 400,
         "zinb_weight": 0.25,
         "distillation_weight": 0.5,
+        "subsection_spots": None,
+        "subsections_per_epoch": None,
     }
 
     @classmethod

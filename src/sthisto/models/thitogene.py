@@ -487,6 +487,12 @@ class THItoGene(ExpressionModel):
     for other scanners). The graph is the directed 4-NN on array coordinates without self-loops.
     Position tables have 64 entries or more when the training data's grid needs it.
 
+    Under ``recipe="small_data"`` it trains on random spatial sub-sections of
+    ``subsection_spots`` spots (default 64), ``subsections_per_epoch`` per epoch (default: as
+    many as cover the fitted spots once), instead of whole sections; see
+    :mod:`sthisto.engine._subsections`. ``subsection_spots=<n>`` asks for them under the paper
+    recipe too, ``False`` for whole sections.
+
     ``variant="reference"`` reproduces the authors' code where it differs: graph attention on
     the neighbour aggregate only (the paper's eq. 16 adds the spot's own feature, see
     :class:`THItoGeneNet`), patches transposed to (channels, x, y) and cut at native pixels.
@@ -514,7 +520,7 @@ class THItoGene(ExpressionModel):
         "target": "log10_1e4",
         "graph_neighbors": 4,
     }
-    training_defaults = {"lr": 1e-5, "max_epochs": 300}
+    training_defaults = {"lr": 1e-5, "max_epochs": 300, "subsection_spots": None, "subsections_per_epoch": None}
 
     @classmethod
     def configure(cls, adata, *, genes, train_index, params):

@@ -264,7 +264,9 @@ def train(
         given), linear warm-up then cosine decay, and, unless ``validation=`` is given,
         validation on held-aside training data (15 % of the training spots, or the last
         training section when there are four or more) with early stopping (patience: a tenth
-        of the epochs, at least 10; or ``early_stopping=``). Recorded in
+        of the epochs, at least 10; or ``early_stopping=``); THItoGene and HGGEF train on
+        random spatial sub-sections of their sections (``subsection_spots``,
+        ``subsections_per_epoch``; recorded in ``model.trained_on['subsections']``). Recorded in
         ``model.trained_on['recipe']`` and the ``recipe`` column of metrics tables; what each
         change is for is on the methods page ("Training recipes"). Closed-form methods (ridge)
         are unaffected.
