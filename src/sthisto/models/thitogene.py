@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._errors import InputError
 from .layers.capsules import EfficientCapsNet
-from .layers.graph_attention import EdgeGraph, GraphAttention
+from .layers.graph_attention import GraphAttention
 from .layers.odconv import ODConv2d
 from .layers.position import GridPositionEmbedding
 from .layers.transformer import Dropout, Transformer
@@ -388,7 +388,7 @@ class THItoGeneNet(nn.Module):
         position_tokens = self.position(positions)  # validates the coordinates before any work
         tokens = torch.cat((self.encode(patches), position_tokens.to(self.token_dtype)), dim=1)
         x = self.token_dropout(tokens.reshape(n_spots, self.token_dim))
-        graph = EdgeGraph(edge_index.long(), n_spots)
+        graph = edge_index.long()
         if self._recompute(n_spots):
             x = x.unsqueeze(0)
             for block in self.transformer.layers:
@@ -399,7 +399,7 @@ class THItoGeneNet(nn.Module):
         x = F.elu(self.gat_out(x, graph))
         return {"prediction": self.head(x)}
 
-    def _graph_attention(self, x: torch.Tensor, graph: EdgeGraph) -> torch.Tensor:
+    def _graph_attention(self, x: torch.Tensor, graph: torch.Tensor) -> torch.Tensor:
         return F.elu(self.gat(x, graph))
 
     def _recompute(self, n_spots: int) -> bool:
