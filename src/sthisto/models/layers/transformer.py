@@ -1,8 +1,13 @@
-"""Pre-LayerNorm transformer over the spots of a section.
+"""Pre-LayerNorm transformer over the spots of a section, built from timm's ``Attention`` and ``Mlp``.
 
 The layout (per block: LayerNorm → multi-head attention with ``heads × dim_head`` inner width
 and bias-free q/k/v projection → residual; LayerNorm → Linear → GELU → Linear → residual)
-is the one THItoGene, HGGEF and HisToSGE describe.
+is the one THItoGene, HGGEF and HisToSGE describe; the attention and the MLP are
+:class:`timm.layers.Attention` and :class:`timm.layers.Mlp` (their own dropout layers).
+``tests/test_library_blocks.py`` checks the block bit for bit against the timm modules applied
+by hand and, to float rounding, against the equations with an explicit softmax. The earlier own
+attention and MLP (with the fast CPU dropout below) were not faster on the real THItoGene step
+(``benchmarks/thitogene_step.py --own-kernels-src``), so the maintained modules serve.
 
 Dropout follows the papers' and authors' transformers: after the attention's output projection
 and inside the MLP, never on the attention weights. Attention therefore always runs through
@@ -10,7 +15,7 @@ and inside the MLP, never on the attention weights. Attention therefore always r
 never keep an ``N × N`` matrix per head (without a padding mask, also on the CPU), so memory
 grows linearly with the number of spots.
 
-Dropout on the CPU (:class:`Dropout` layers) draws its keep-masks with
+:class:`Dropout` (THItoGene's token dropout) draws its keep-masks on the CPU with
 :func:`keep_mask`: four 16-bit uniform lanes per 64-bit random word compared with a threshold,
 about 8× faster than ``bernoulli_`` on the CPU. The keep probability is thereby rounded to a
 multiple of 2⁻¹⁶ (0.8 → 0.800003) and kept values are scaled by the inverse of the rounded
