@@ -88,14 +88,14 @@ def _section(n_spots: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------------------- naive baseline
-def _naive_attention_forward(self, x, mask=None):
+def _naive_attention_forward(self, x, attn_mask=None):
     batch, tokens, _ = x.shape
-    q, k, v = self.to_qkv(x).view(batch, tokens, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(self.dim_head)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
-    return self.out_dropout(self.to_out(out))
+    q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+    return self.proj_drop(self.proj(out))
 
 
 def _naive_hyperedges(features, positions, k):
@@ -141,17 +141,16 @@ def _naive_stage_tokens(self, patches, augmentation=None, *, recompute=None):
 
 def make_naive(net):
     """Turn an HGGEFNet into the naive baseline in place (same parameters)."""
-    from sthisto.models.layers.transformer import MultiHeadSelfAttention
+    from sthisto._compat import import_timm
 
+    attention_class = import_timm().layers.Attention
     net.chunk_size = None
     net.checkpointing = False
     net.stage_tokens = types.MethodType(_naive_stage_tokens, net)
     net.hypergraph.forward = types.MethodType(_naive_hypergraph_forward, net.hypergraph)
     patched = 0
     for module in net.modules():
-        if isinstance(module, MultiHeadSelfAttention) and all(
-            hasattr(module, a) for a in ("to_qkv", "heads", "dim_head", "to_out", "out_dropout")
-        ):
+        if isinstance(module, attention_class):
             module.forward = types.MethodType(_naive_attention_forward, module)
             patched += 1
     return patched

@@ -10,6 +10,11 @@ times forward + MSE + backward + Adam steps and reports the median, then times e
 Implementations:
 
 * ``optimised``: :class:`sthisto.models.thitogene.THItoGeneNet` with fused Adam.
+* ``own-kernels`` (with ``--own-kernels-src PATH``): the optimised worker importing sthisto
+  from another source tree, e.g. the commit before the graph attention moved onto
+  torch-geometric's ``GATConv`` and the transformer block onto timm's ``Attention`` + ``Mlp``
+  (``git archive <commit> src | tar -x -C /tmp/old`` then ``--own-kernels-src /tmp/old/src``):
+  the same run then shows whether the earlier own kernels were faster or leaner.
 * ``naive``: the same parameters and architecture computed the straightforward way — a
   per-sample loop of dynamic convolutions, capsule routing through a batch-expanded weight
   tensor and an explicit in_caps × in_caps agreement matrix, attention with explicit
@@ -21,6 +26,7 @@ Usage::
 
     python benchmarks/thitogene_step.py                 # N = 180, 700 (both), 5000 (optimised, memory)
     python benchmarks/thitogene_step.py --sizes 180 --repeats 1
+    python benchmarks/thitogene_step.py --impls optimised own-kernels --own-kernels-src /tmp/old/src
 
 Timings on a shared machine are noisy: the script alternates implementations, repeats, and
 prints medians together with the load average (``os.getloadavg``) before, during and after.
@@ -108,10 +114,10 @@ def _naive_class():
 
     def attention(module, x):
         n = x.shape[0]
-        q, k, v = module.to_qkv(x).view(n, 3, module.heads, module.dim_head).permute(1, 2, 0, 3)
-        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(module.dim_head), dim=-1)
+        q, k, v = module.qkv(x).view(n, 3, module.num_heads, module.head_dim).permute(1, 2, 0, 3)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(module.head_dim), dim=-1)
         out = (weights @ v).transpose(0, 1).reshape(n, -1)
-        return module.out_dropout(module.to_out(out))
+        return module.proj_drop(module.proj(out))
 
     def gat(module, x, adjacency):
         x = F.dropout(x, module.dropout, module.training)
@@ -247,11 +253,17 @@ def _worker(impl: str, n_spots: int, steps: int, warmup: int, eval_repeats: int)
 def _run(impl: str, n_spots: int, steps: int, warmup: int, eval_repeats: int) -> dict:
     threads = os.environ.get("STHISTO_BENCH_THREADS", str(THREADS))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    cmd = [sys.executable, __file__, "--worker", impl, str(n_spots), str(steps), str(warmup), str(eval_repeats)]
+    worker_impl = impl
+    if impl == "own-kernels":
+        env["PYTHONPATH"] = os.environ["STHISTO_BENCH_OWN_SRC"]
+        worker_impl = "optimised"
+    cmd = [sys.executable, __file__, "--worker", worker_impl, str(n_spots), str(steps), str(warmup), str(eval_repeats)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         return {"impl": impl, "n_spots": n_spots, "error": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["impl"] = impl
+    return result
 
 
 def main() -> None:
@@ -263,11 +275,18 @@ def main() -> None:
     parser.add_argument("--impls", nargs="*", default=["optimised", "naive"])
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (default 2)")
     parser.add_argument(
+        "--own-kernels-src", default=None, help="source tree (its src/) for the 'own-kernels' implementation"
+    )
+    parser.add_argument(
         "--malloc-tuning", action="store_true", help="keep freed memory mapped in every run (keep_freed_memory_mapped)"
     )
     args = parser.parse_args()
     os.environ["STHISTO_BENCH_THREADS"] = str(args.threads)
     os.environ["STHISTO_BENCH_MALLOC"] = "1" if args.malloc_tuning else "0"
+    if "own-kernels" in args.impls:
+        if not args.own_kernels_src:
+            parser.error("--impls own-kernels needs --own-kernels-src PATH (a source tree's src/ folder)")
+        os.environ["STHISTO_BENCH_OWN_SRC"] = os.path.abspath(args.own_kernels_src)
 
     print(
         f"load average before: {os.getloadavg()}  (cores: {os.cpu_count()}, threads per run: {args.threads}, "
@@ -282,10 +301,14 @@ def main() -> None:
                 runs[impl].append(res)
                 print(json.dumps(res), flush=True)
         rows.append((n_spots, runs))
+    memory_impls = [impl for impl in ("optimised", "own-kernels") if impl in args.impls or impl == "optimised"]
     for n_spots in args.memory_sizes:
-        res = _run("optimised", n_spots, 1, 1, 1)  # the warm-up step allocates Adam's state
-        print(json.dumps(res), flush=True)
-        rows.append((n_spots, {"optimised": [res]}))
+        runs = {}
+        for impl in memory_impls:
+            res = _run(impl, n_spots, 1, 1, 1)  # the warm-up step allocates Adam's state
+            print(json.dumps(res), flush=True)
+            runs[impl] = [res]
+        rows.append((n_spots, runs))
     print(f"load average after: {os.getloadavg()}")
 
     print("\n    N  impl        step s (median)   CPU s/step   peak RSS GB   eval spots/s")
@@ -302,12 +325,13 @@ def main() -> None:
             spots = statistics.median(r["eval_spots_per_s"] for r in ok if "eval_spots_per_s" in r)
             medians[impl] = (step, cpu, rss)
             print(f"{n_spots:5d}  {impl:10s}  {step:14.2f}   {cpu:10.2f}   {rss:11.2f}   {spots:12.1f}")
-        if {"optimised", "naive"} <= medians.keys():
-            (t_opt, c_opt, m_opt), (t_naive, c_naive, m_naive) = medians["optimised"], medians["naive"]
-            print(
-                f"{n_spots:5d}  speed-up ×{t_naive / t_opt:.2f} wall, ×{c_naive / c_opt:.2f} CPU time; "
-                f"peak RSS ratio {m_opt / m_naive:.2f}"
-            )
+        for other in ("naive", "own-kernels"):
+            if {"optimised", other} <= medians.keys():
+                (t_opt, c_opt, m_opt), (t_other, c_other, m_other) = medians["optimised"], medians[other]
+                print(
+                    f"{n_spots:5d}  optimised vs {other}: speed-up ×{t_other / t_opt:.2f} wall, "
+                    f"×{c_other / c_opt:.2f} CPU time; peak RSS ratio {m_opt / m_other:.2f}"
+                )
         counted = [r for r in runs.get("optimised", []) if "step_gflop" in r]
         if counted:
             reference = REFERENCE_STEP_S.get(n_spots)

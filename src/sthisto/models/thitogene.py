@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._errors import InputError
 from .layers.capsules import EfficientCapsNet
-from .layers.graph_attention import EdgeGraph, GraphAttention
+from .layers.graph_attention import GraphAttention
 from .layers.odconv import ODConv2d
 from .layers.position import GridPositionEmbedding
 from .layers.transformer import Dropout, Transformer
@@ -242,12 +242,13 @@ class THItoGeneNet(nn.Module):
     * *Attention.* Self-attention never stores ``N × N`` per head: the attention weights are
       not dropped (as in the paper and the authors' code; dropout follows the output
       projection), so PyTorch's fused kernel serves training and evaluation on CPU and GPU
-      (:mod:`sthisto.models.layers.transformer`). Dropout masks are kept as booleans.
+      (timm's ``Attention``, :mod:`sthisto.models.layers.transformer`).
     * *Recomputing wide layers.* Sections above ``checkpoint_above`` spots (default 2048)
       also recompute each transformer block and the 8192-wide graph-attention layer in the
       backward pass (about a third more time in those layers), so only their inputs are kept.
-    * *Sparse graph attention.* Messages are sparse (CSR) matrix products over the edges;
-      nothing ``N × N`` and no per-edge copy of the 8192-wide features is formed.
+    * *Sparse graph attention.* torch-geometric's ``GATConv`` works over the edges; nothing
+      ``N × N`` is formed (it gathers one message per edge, see
+      :mod:`~sthisto.models.layers.graph_attention`).
 
     **Speed** (CPU). Beyond the above: the encoder computes in blocks of
     ``encoder_block_size`` spots, layer by layer, with BatchNorm statistics gathered over all
@@ -255,8 +256,8 @@ class THItoGeneNet(nn.Module):
     faults from huge fresh allocations); the dynamic convolution folds its four attentions
     into one kernel per spot and runs as one batched matrix product over non-overlapping
     tiles; the conv stack runs channels-last; capsule routing is three batched contractions
-    without an ``in × in`` agreement matrix; dropout masks are drawn four per 64-bit random
-    word (``keep_mask``), ~8× faster than ``bernoulli_``. Train with
+    without an ``in × in`` agreement matrix; the token dropout's masks are drawn four per
+    64-bit random word (``keep_mask``), ~8× faster than ``bernoulli_``. Train with
     ``torch.optim.Adam(..., fused=True)`` (a fifth of the default Adam's time on CPU).
     The step is dominated by dense matrix products and convolutions (136 GFLOP for a
     forward + backward over 180 spots; 118 with the reference's graph attention), which run at 100 GFLOP/s or more on two AVX2 cores;
@@ -388,7 +389,7 @@ class THItoGeneNet(nn.Module):
         position_tokens = self.position(positions)  # validates the coordinates before any work
         tokens = torch.cat((self.encode(patches), position_tokens.to(self.token_dtype)), dim=1)
         x = self.token_dropout(tokens.reshape(n_spots, self.token_dim))
-        graph = EdgeGraph(edge_index.long(), n_spots)
+        graph = edge_index.long()
         if self._recompute(n_spots):
             x = x.unsqueeze(0)
             for block in self.transformer.layers:
@@ -399,7 +400,7 @@ class THItoGeneNet(nn.Module):
         x = F.elu(self.gat_out(x, graph))
         return {"prediction": self.head(x)}
 
-    def _graph_attention(self, x: torch.Tensor, graph: EdgeGraph) -> torch.Tensor:
+    def _graph_attention(self, x: torch.Tensor, graph: torch.Tensor) -> torch.Tensor:
         return F.elu(self.gat(x, graph))
 
     def _recompute(self, n_spots: int) -> bool:
@@ -501,7 +502,7 @@ class THItoGene(ExpressionModel):
 
     Memory on large sections: the convolution + capsule encoder runs over chunks of spots and is
     recomputed in the backward pass above ``checkpoint_above`` spots, attention uses fused
-    kernels that never hold the N × N score matrix, and graph attention is sparse over the edges.
+    kernels that never hold the N × N score matrix, and graph attention works over the edges.
     """
 
     name = "thitogene"

@@ -71,22 +71,19 @@ def check_supported(model, uncertainty: str | None, *, n_samples: int = DEFAULT_
 def dropout_modules(network) -> list:
     """Modules whose training flag switches dropout, and nothing else, on.
 
-    ``nn.Dropout`` and its subclasses, plus sthisto's attention and graph-attention layers,
-    which drop attention weights through a rate attribute. Their parents are not touched: in
+    ``nn.Dropout`` and its subclasses, plus sthisto's graph-attention layers, which drop
+    their inputs and attention coefficients through a rate attribute. Their parents are not touched: in
     training mode they would also augment patches (HGGEF) or update batch-norm statistics.
     """
     from torch import nn
 
     from ..models.layers.graph_attention import GraphAttention
-    from ..models.layers.transformer import MultiHeadSelfAttention
 
     found = []
     for module in network.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             if float(module.p) > 0:
                 found.append(module)
-        elif isinstance(module, MultiHeadSelfAttention) and float(getattr(module, "attn_dropout", 0) or 0) > 0:
-            found.append(module)
         elif isinstance(module, GraphAttention) and float(getattr(module, "dropout", 0) or 0) > 0:
             found.append(module)
     return found

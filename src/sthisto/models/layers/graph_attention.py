@@ -1,168 +1,77 @@
-"""Sparse multi-head graph attention (Veličković et al., ICLR 2018) over an ``edge_index``.
+"""Multi-head graph attention (Veličković et al., ICLR 2018) on torch-geometric's ``GATConv``.
 
 For a directed graph with edges ``j → i`` (``edge_index[0] = j`` the neighbour / source,
 ``edge_index[1] = i`` the target) and head ``h``:
 
 * ``e[i, j] = LeakyReLU(a_hᵀ [W_h x_i ‖ W_h x_j])`` — the first half of ``a_h`` (``att_dst``)
   scores the target, the second (``att_src``) the neighbour;
-* ``α[i, j] = softmax_j e[i, j]`` over the incoming edges of ``i`` only (masked softmax);
+* ``α[i, j] = softmax_j e[i, j]`` over the incoming edges of ``i`` only;
 * ``m[i, h] = Σ_j α[i, j] W_h x_j``, the neighbour aggregate;
 * ``out[i, h] = m[i, h]`` (Veličković et al.; the THItoGene authors' code), or, with
   ``self_term=True`` (THItoGene's eq. 16), ``out[i, h] = ω_h [W_h x_i ‖ m[i, h]] + β_h``: the
   spot's own projected feature concatenated with the aggregate, through a weight and a bias;
 * heads concatenated (or averaged, ``concat=False``).
 
-Dropout acts on the input features and on the attention coefficients. No self-loops are
-added: a node attends to its graph neighbours only, and a node without incoming edges gets a
-zero aggregate (with the self term, its output still carries its own feature).
+The scores, the softmax, the attention dropout and the aggregation are
+:class:`torch_geometric.nn.GATConv` with ``add_self_loops=False, bias=False``: a node attends
+to its graph neighbours only, and a node without incoming edges gets a zero aggregate (with the
+self term its output still carries its own feature). The projection ``W`` stays outside the
+convolution (``lin``, GATConv's own projection is an identity) because eq. 16 needs ``W_h x_i``
+too, which GATConv does not return; computing it a second time would add the layer's largest
+matrix product. Dropout acts on the input features (here) and on the attention coefficients
+(in GATConv).
 
-Cost is linear in the number of edges. Nothing ``N × N`` is formed, and neither is an
-``edges × heads × width`` tensor: neighbour aggregation is one sparse (CSR) matrix product
-over all heads at once, and the gradient of the attention coefficients is computed in chunks
-of edges.
+Cost is linear in the number of edges; nothing ``N × N`` is formed. GATConv gathers one
+``edges × heads × width`` message tensor per layer (for THItoGene's 4-NN graph, four copies of
+the 8192-wide features). sthisto's earlier sparse-CSR kernel avoided that copy;
+``benchmarks/thitogene_step.py --own-kernels-src`` measured it on the real step (785 genes, 180
+spots, 2 threads): the library step took 7.17 CPU s against 8.10 with the own kernels, and
+2.08 GB peak RSS against 1.91 GB (own 1.09× leaner); at 1200 spots 37.0 against 33.4 CPU s
+and 2.86 against 2.38 GB (own 1.20× leaner). Neither reached 1.3×, so the maintained library
+serves (benchmarks/README.md has the table; the memory gap grows with the section).
+
+A batch of sections is one graph: concatenate the nodes and offset each section's
+``edge_index`` by the nodes before it (block-diagonal adjacency); the softmax runs per target
+node, so sections do not mix. From a dense adjacency ``A[i, j] = 1`` meaning "``i`` attends to
+``j``", the edge index is ``A.nonzero().T.flip(0)`` (``torch_geometric.utils.dense_to_sparse``
+of ``A.T``), not ``dense_to_sparse(A)``, which reverses every edge of a directed graph.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .transformer import dropout
 
-# Edges per chunk when computing ⟨grad_out[i], W x_j⟩ in the backward pass: bounds the
-# temporary at chunk × heads × width floats.
-_SDDMM_CHUNK_ELEMENTS = 1 << 22
+class _Projected(nn.Identity):
+    """Stands in for GATConv's projection: its input is already ``W x``."""
 
-
-def segment_softmax(scores: torch.Tensor, index: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """Softmax of ``scores`` ``(E, H)`` over the edges sharing the same ``index`` (target node).
-
-    Parameters
-    ----------
-    scores
-        Edge scores, one column per head.
-    index
-        Target node of every edge, int64 ``(E,)``.
-    num_nodes
-        Number of nodes.
-
-    Returns
-    -------
-    ``(E, H)`` coefficients summing to 1 over the incoming edges of every target.
-    """
-    heads = scores.shape[1]
-    expand = index[:, None].expand(-1, heads)
-    peak = scores.new_full((num_nodes, heads), -math.inf)
-    peak = peak.scatter_reduce(0, expand, scores.detach(), reduce="amax", include_self=True)
-    weights = torch.exp(scores - peak[index])
-    total = weights.new_zeros((num_nodes, heads)).index_add(0, index, weights)
-    return weights / total[index]
+    def reset_parameters(self) -> None:
+        """Nothing to reset (GATConv calls this on its projection)."""
 
 
-class _BlockCSR:
-    """Sparse pattern of a multi-head adjacency: rows ``row·H + h``, columns ``col·H + h``.
+def _gat_conv(out_dim: int, heads: int, negative_slope: float, dropout: float) -> nn.Module:
+    from torch_geometric.nn import GATConv
 
-    Holds the row pointers, column indices, and the permutation placing the ``(E, H)`` edge
-    values into CSR order, so each forward builds the matrix with one gather.
-    """
-
-    def __init__(self, row: torch.Tensor, col: torch.Tensor, num_nodes: int, heads: int) -> None:
-        n_edges = row.numel()
-        order = torch.argsort(row, stable=True)
-        degree = torch.bincount(row, minlength=num_nodes)
-        start = torch.cumsum(degree, 0) - degree
-        row_sorted = row[order]
-        offset = torch.arange(n_edges, device=row.device) - start[row_sorted]
-        head = torch.arange(heads, device=row.device)
-        position = (start[row_sorted] * heads + offset)[:, None] + head[None, :] * degree[row_sorted][:, None]
-        self.value_index = torch.empty(n_edges * heads, dtype=torch.int64, device=row.device)
-        self.value_index[position.reshape(-1)] = (order[:, None] * heads + head[None, :]).reshape(-1)
-        self.col_index = torch.empty(n_edges * heads, dtype=torch.int64, device=row.device)
-        self.col_index[position.reshape(-1)] = (col[order][:, None] * heads + head[None, :]).reshape(-1)
-        self.crow = torch.zeros(num_nodes * heads + 1, dtype=torch.int64, device=row.device)
-        self.crow[1:] = torch.cumsum(degree.repeat_interleave(heads), 0)
-        self.size = num_nodes * heads
-
-    def matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """The CSR matrix with edge values ``values`` ``(E, H)``."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-            return torch.sparse_csr_tensor(
-                self.crow,
-                self.col_index,
-                values.reshape(-1)[self.value_index],
-                (self.size, self.size),
-                check_invariants=False,
-            )
-
-
-class EdgeGraph:
-    """Pre-processed ``edge_index`` reusable by every attention layer of one forward pass.
-
-    Parameters
-    ----------
-    edge_index
-        int64 ``(2, E)``: row 0 source (neighbour), row 1 target.
-    num_nodes
-        Number of nodes.
-    """
-
-    def __init__(self, edge_index: torch.Tensor, num_nodes: int) -> None:
-        self.src, self.dst = edge_index[0], edge_index[1]
-        self.num_nodes = num_nodes
-        self._patterns: dict[tuple[int, bool], _BlockCSR] = {}
-
-    def pattern(self, heads: int, *, transposed: bool) -> _BlockCSR:
-        """CSR pattern gathering into targets (or, transposed, into sources) for ``heads`` heads."""
-        key = (heads, transposed)
-        if key not in self._patterns:
-            row, col = (self.src, self.dst) if transposed else (self.dst, self.src)
-            self._patterns[key] = _BlockCSR(row, col, self.num_nodes, heads)
-        return self._patterns[key]
-
-
-def _aggregate_forward(alpha: torch.Tensor, values: torch.Tensor, graph: EdgeGraph, *, transposed: bool):
-    num_nodes, heads, width = values.shape
-    pattern = graph.pattern(heads, transposed=transposed)
-    flat = values.reshape(num_nodes * heads, width)
-    return (pattern.matrix(alpha.to(values.dtype)) @ flat).view(num_nodes, heads, width)
-
-
-class _EdgeAggregate(torch.autograd.Function):
-    """``out[i, h] = Σ_{e: j → i} α[e, h] · values[j, h]`` with a memory-light backward."""
-
-    @staticmethod
-    def forward(ctx, alpha: torch.Tensor, values: torch.Tensor, graph: EdgeGraph) -> torch.Tensor:
-        ctx.save_for_backward(alpha, values)
-        ctx.graph = graph
-        return _aggregate_forward(alpha, values, graph, transposed=False)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        alpha, values = ctx.saved_tensors
-        graph = ctx.graph
-        grad_alpha = grad_values = None
-        grad_out = grad_out.contiguous()
-        if ctx.needs_input_grad[1]:
-            grad_values = _aggregate_forward(alpha, grad_out, graph, transposed=True)
-        if ctx.needs_input_grad[0]:
-            n_edges, heads = alpha.shape
-            width = values.shape[-1]
-            grad_alpha = torch.empty_like(alpha)
-            step = max(1, _SDDMM_CHUNK_ELEMENTS // (heads * width))
-            for begin in range(0, n_edges, step):
-                end = min(begin + step, n_edges)
-                src, dst = graph.src[begin:end], graph.dst[begin:end]
-                grad_alpha[begin:end] = torch.einsum("ehc,ehc->eh", grad_out[dst], values[src])
-        return grad_alpha, grad_values, None
+    conv = GATConv(
+        heads * out_dim,
+        out_dim,
+        heads=heads,
+        concat=True,
+        negative_slope=negative_slope,
+        dropout=dropout,
+        add_self_loops=False,
+        bias=False,
+    )
+    conv.lin = _Projected()
+    return conv
 
 
 class GraphAttention(nn.Module):
-    """One multi-head graph attention layer, paper equations of Veličković et al.
+    """One multi-head graph attention layer (Veličković et al.), optionally with THItoGene's eq. 16.
 
     Parameters
     ----------
@@ -185,11 +94,14 @@ class GraphAttention(nn.Module):
     Notes
     -----
     Parameters: ``lin.weight`` ``(heads · out_dim, in_dim)`` (the per-head ``W_h``, no bias),
-    ``att_dst`` and ``att_src`` ``(heads, out_dim)`` (the two halves of each ``a_h``); with
-    ``self_term``, ``self_weight`` ``(heads, out_dim, 2 · out_dim)`` (each ``ω_h``; its first
-    ``out_dim`` columns act on the own feature) and ``self_bias`` ``(heads, out_dim)``. Glorot
-    initialisation, zero bias. The layer applies no non-linearity; the caller applies its
-    activation.
+    ``conv.att_dst`` and ``conv.att_src`` ``(1, heads, out_dim)`` (GATConv's two halves of each
+    ``a_h``); with ``self_term``, ``self_weight`` ``(heads, out_dim, 2 · out_dim)`` (each
+    ``ω_h``; its first ``out_dim`` columns act on the own feature) and ``self_bias``
+    ``(heads, out_dim)``. State dicts of the earlier own layer (``att_dst`` / ``att_src`` of
+    shape ``(heads, out_dim)``) load unchanged. Glorot initialisation, zero bias. The layer
+    applies no non-linearity; the caller applies its activation. Its training flag governs
+    both dropouts (the GATConv inside follows it), so switching this module alone to training
+    mode (Monte-Carlo dropout) drops attention coefficients too.
     """
 
     def __init__(
@@ -209,27 +121,37 @@ class GraphAttention(nn.Module):
         self.negative_slope = negative_slope
         self.dropout = dropout
         self.lin = nn.Linear(in_dim, heads * out_dim, bias=False)
-        self.att_dst = nn.Parameter(torch.empty(heads, out_dim))
-        self.att_src = nn.Parameter(torch.empty(heads, out_dim))
+        self.conv = _gat_conv(out_dim, heads, negative_slope, dropout)
         self.self_term = bool(self_term)
         if self.self_term:
             self.self_weight = nn.Parameter(torch.empty(heads, out_dim, 2 * out_dim))
             self.self_bias = nn.Parameter(torch.empty(heads, out_dim))
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_earlier_attention_vectors)
+
+    @property
+    def att_dst(self) -> torch.Tensor:
+        """Target halves of the attention vectors, ``(heads, out_dim)`` (a view)."""
+        return self.conv.att_dst[0]
+
+    @property
+    def att_src(self) -> torch.Tensor:
+        """Neighbour halves of the attention vectors, ``(heads, out_dim)`` (a view)."""
+        return self.conv.att_src[0]
 
     def reset_parameters(self) -> None:
         """Glorot-uniform weights and attention vectors (per head)."""
         nn.init.xavier_uniform_(self.lin.weight)
         bound = math.sqrt(6.0 / (2 * self.out_dim + 1))  # each a_h maps 2·out_dim values to one score
-        nn.init.uniform_(self.att_dst, -bound, bound)
-        nn.init.uniform_(self.att_src, -bound, bound)
+        nn.init.uniform_(self.conv.att_dst, -bound, bound)
+        nn.init.uniform_(self.conv.att_src, -bound, bound)
         if self.self_term:
             bound = math.sqrt(6.0 / (3 * self.out_dim))  # each ω_h maps 2·out_dim values to out_dim
             nn.init.uniform_(self.self_weight, -bound, bound)
             nn.init.zeros_(self.self_bias)
 
     def forward(
-        self, x: torch.Tensor, edge_index: torch.Tensor | EdgeGraph, *, return_attention: bool = False
+        self, x: torch.Tensor, edge_index: torch.Tensor, *, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attend over the incoming edges of every node.
 
@@ -238,9 +160,9 @@ class GraphAttention(nn.Module):
         x
             Node features ``(N, in_dim)``.
         edge_index
-            int64 ``(2, E)`` (row 0 source, row 1 target) or a prepared :class:`EdgeGraph`.
+            int64 ``(2, E)``: row 0 source (neighbour), row 1 target.
         return_attention
-            Also return the attention coefficients ``(E, heads)`` (before dropout).
+            Also return the attention coefficients ``(E, heads)`` (after dropout in training).
 
         Returns
         -------
@@ -248,17 +170,26 @@ class GraphAttention(nn.Module):
         a tuple ``(out, alpha)``.
         """
         num_nodes = x.shape[0]
-        graph = edge_index if isinstance(edge_index, EdgeGraph) else EdgeGraph(edge_index, num_nodes)
-        x = dropout(x, self.dropout, self.training)
-        projected = self.lin(x).view(num_nodes, self.heads, self.out_dim)
-        score_dst = torch.einsum("nhc,hc->nh", projected, self.att_dst)
-        score_src = torch.einsum("nhc,hc->nh", projected, self.att_src)
-        scores = F.leaky_relu(score_dst[graph.dst] + score_src[graph.src], self.negative_slope)
-        alpha = segment_softmax(scores, graph.dst, num_nodes)
-        out = _EdgeAggregate.apply(dropout(alpha, self.dropout, self.training), projected, graph)
+        self.conv.training = self.training  # one flag for both dropouts (see Notes)
+        projected = self.lin(F.dropout(x, self.dropout, self.training))
+        size = (num_nodes, num_nodes)  # nodes without any edge still get an output row
+        if return_attention:
+            out, (_, alpha) = self.conv(projected, edge_index, size=size, return_attention_weights=True)
+        else:
+            out, alpha = self.conv(projected, edge_index, size=size), None
+        out = out.view(num_nodes, self.heads, self.out_dim)
         if self.self_term:
-            own, neighbours = self.self_weight[..., : self.out_dim], self.self_weight[..., self.out_dim :]
-            out = torch.einsum("nhc,hoc->nho", projected, own) + torch.einsum("nhc,hoc->nho", out, neighbours)
+            own = projected.view(num_nodes, self.heads, self.out_dim)
+            w_own, w_neighbours = self.self_weight[..., : self.out_dim], self.self_weight[..., self.out_dim :]
+            out = torch.einsum("nhc,hoc->nho", own, w_own) + torch.einsum("nhc,hoc->nho", out, w_neighbours)
             out = out + self.self_bias
         out = out.reshape(num_nodes, self.heads * self.out_dim) if self.concat else out.mean(dim=1)
         return (out, alpha) if return_attention else out
+
+
+def _earlier_attention_vectors(module, state_dict, prefix, *_args) -> None:
+    """Map the earlier own layer's ``att_dst`` / ``att_src`` ``(heads, width)`` onto GATConv's."""
+    for name in ("att_dst", "att_src"):
+        old = state_dict.pop(prefix + name, None)
+        if old is not None and prefix + "conv." + name not in state_dict:
+            state_dict[prefix + "conv." + name] = old.unsqueeze(0)

@@ -1,8 +1,13 @@
-"""Pre-LayerNorm transformer over the spots of a section.
+"""Pre-LayerNorm transformer over the spots of a section, built from timm's ``Attention`` and ``Mlp``.
 
 The layout (per block: LayerNorm → multi-head attention with ``heads × dim_head`` inner width
 and bias-free q/k/v projection → residual; LayerNorm → Linear → GELU → Linear → residual)
-is the one THItoGene, HGGEF and HisToSGE describe.
+is the one THItoGene, HGGEF and HisToSGE describe; the attention and the MLP are
+:class:`timm.layers.Attention` and :class:`timm.layers.Mlp` (their own dropout layers).
+``tests/test_library_blocks.py`` checks the block bit for bit against the timm modules applied
+by hand and, to float rounding, against the equations with an explicit softmax. The earlier own
+attention and MLP (with the fast CPU dropout below) were not faster on the real THItoGene step
+(``benchmarks/thitogene_step.py --own-kernels-src``), so the maintained modules serve.
 
 Dropout follows the papers' and authors' transformers: after the attention's output projection
 and inside the MLP, never on the attention weights. Attention therefore always runs through
@@ -10,7 +15,7 @@ and inside the MLP, never on the attention weights. Attention therefore always r
 never keep an ``N × N`` matrix per head (without a padding mask, also on the CPU), so memory
 grows linearly with the number of spots.
 
-Dropout on the CPU (:class:`Dropout` layers) draws its keep-masks with
+:class:`Dropout` (THItoGene's token dropout) draws its keep-masks on the CPU with
 :func:`keep_mask`: four 16-bit uniform lanes per 64-bit random word compared with a threshold,
 about 8× faster than ``bernoulli_`` on the CPU. The keep probability is thereby rounded to a
 multiple of 2⁻¹⁶ (0.8 → 0.800003) and kept values are scaled by the inverse of the rounded
@@ -97,74 +102,79 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-class MultiHeadSelfAttention(nn.Module):
-    """Multi-head self-attention whose inner width ``heads × dim_head`` may differ from ``dim``.
+def self_attention(dim: int, *, heads: int, dim_head: int, dropout: float = 0.0) -> nn.Module:
+    """A timm :class:`~timm.layers.Attention` with inner width ``heads × dim_head`` (may differ from ``dim``).
+
+    Bias-free q/k/v projection, output projection with bias, dropout ``dropout`` after the
+    output projection only: the attention weights are never dropped (neither the papers,
+    THItoGene and HGGEF, nor their authors' code do it), so the fused
+    :func:`~torch.nn.functional.scaled_dot_product_attention` kernel always serves and no
+    ``N × N`` matrix per head is kept. The fused path is forced on (timm can be told to leave
+    it by an environment variable), since the linear memory depends on it.
+    """
+    from ..._compat import import_timm
+
+    attention = import_timm().layers.Attention(
+        dim, num_heads=heads, attn_head_dim=dim_head, qkv_bias=False, proj_bias=True, attn_drop=0.0, proj_drop=dropout
+    )
+    attention.fused_attn = True
+    return attention
+
+
+# Parameter names of sthisto's earlier own attention and MLP → timm's, so stored models load.
+_EARLIER_NAMES = {
+    "attn.to_qkv.": "attn.qkv.",
+    "attn.to_out.": "attn.proj.",
+    "mlp.net.0.": "mlp.fc1.",
+    "mlp.net.3.": "mlp.fc2.",
+}
+
+
+def _earlier_block_names(module, state_dict, prefix, *_args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        for old, new in _EARLIER_NAMES.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old) :]] = state_dict.pop(key)
+                break
+
+
+class TransformerBlock(nn.Module):
+    """One pre-LayerNorm residual block: timm's ``Attention`` then timm's ``Mlp`` (GELU).
 
     Parameters
     ----------
     dim
         Token width.
     heads, dim_head
-        Number of heads and width of each.
+        Attention heads and their width (inner width ``heads × dim_head``).
+    mlp_dim
+        Hidden width of the MLP.
     dropout
-        Dropout after the output projection. The attention weights are never dropped: neither
-        the papers (THItoGene, HGGEF) nor their authors' code do it.
+        Dropout after the attention's output projection and in the MLP (after the activation
+        and after the second linear layer).
+
+    Notes
+    -----
+    Parameters ``attn_norm``, ``attn.qkv`` (no bias), ``attn.proj``, ``mlp_norm``,
+    ``mlp.fc1``, ``mlp.fc2``; state dicts of the earlier own block (``attn.to_qkv``,
+    ``attn.to_out``, ``mlp.net.0``, ``mlp.net.3``) load unchanged.
     """
-
-    def __init__(self, dim: int, *, heads: int, dim_head: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.heads = heads
-        self.dim_head = dim_head
-        inner = heads * dim_head
-        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
-        self.to_out = nn.Linear(inner, dim)
-        self.out_dropout = Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attend over the token axis.
-
-        Parameters
-        ----------
-        x
-            ``(batch, tokens, dim)``.
-        mask
-            Optional boolean ``(batch, tokens)``; False marks padding that is not attended to.
-        """
-        batch, tokens, _ = x.shape
-        q, k, v = self.to_qkv(x).view(batch, tokens, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        attn_mask = None if mask is None else mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
-        return self.out_dropout(self.to_out(out))
-
-
-class FeedForward(nn.Module):
-    """Linear → GELU → dropout → Linear → dropout."""
-
-    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, dim), Dropout(dropout)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the two-layer MLP token-wise."""
-        return self.net(x)
-
-
-class TransformerBlock(nn.Module):
-    """One pre-LayerNorm residual block: attention then MLP."""
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
+        from ..._compat import import_timm
+
         self.attn_norm = nn.LayerNorm(dim)
-        self.attn = MultiHeadSelfAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.attn = self_attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
         self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = FeedForward(dim, mlp_dim, dropout=dropout)
+        self.mlp = import_timm().layers.Mlp(dim, hidden_features=mlp_dim, act_layer=nn.GELU, drop=dropout)
+        self.register_load_state_dict_pre_hook(_earlier_block_names)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply the block to ``(batch, tokens, dim)``."""
-        x = x + self.attn(self.attn_norm(x), mask)
+        """Apply the block to ``(batch, tokens, dim)``; ``mask`` ``(batch, tokens)`` is False on padding."""
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        x = x + self.attn(self.attn_norm(x), attn_mask=attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
