@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from .._compat import ensure_torchvision
 
@@ -31,6 +31,7 @@ from .._errors import InputError  # noqa: E402
 from .._logging import logger  # noqa: E402
 from .._spots import library_ids  # noqa: E402
 from ._progress import progress_callbacks  # noqa: E402
+from ._samplers import EpochShuffleSampler  # noqa: E402
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
@@ -46,51 +47,6 @@ class ItemDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.items[index]
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """Shuffle with a generator seeded by ``(seed, epoch)``; shard across DDP ranks.
-
-    The order of epoch ``e`` depends on nothing but ``seed`` and ``e``, so a run resumed from
-    a checkpoint sees exactly the batches an uninterrupted run would have seen.
-    """
-
-    def __init__(self, n_items: int, *, seed: int, shuffle: bool = True) -> None:
-        self.n_items = n_items
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning before each epoch."""
-        self.epoch = epoch
-
-    def _rank_world(self) -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
-    def __iter__(self) -> Iterator[int]:
-        # A generator, so the order is drawn at the first batch, not when the iterator is made:
-        # a resumed Lightning run makes its first iterator before it calls set_epoch.
-        yield from self._order()
-
-    def _order(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n_items, generator=generator).tolist()
-        else:
-            order = list(range(self.n_items))
-        rank, world = self._rank_world()
-        if world > 1:  # every rank must take the same number of steps: pad by wrapping
-            per_rank = -(-self.n_items // world)
-            order = (order * world)[: per_rank * world]
-            order = order[rank::world]
-        return order
-
-    def __len__(self) -> int:
-        _, world = self._rank_world()
-        return -(-self.n_items // world)
 
 
 class _ExpressionModule(pl.LightningModule):

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .._errors import InputError
-from ._loop import EpochShuffleSampler
+from ._samplers import EpochShuffleSampler
 
 DEFAULT_SUBSECTION_SPOTS = 64
 """Spots per sub-section under ``recipe="small_data"`` (measured on her2st, see docs/methods.md)."""
