@@ -285,7 +285,10 @@ def test_distributed_prediction_on_two_cpu_processes_equals_single_process(data,
             )
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"))}
+    # An earlier in-process predict_distributed (devices=1) leaves MASTER_ADDR/MASTER_PORT set and
+    # its process group's store bound to that port; a child inheriting them would wait on it.
+    distributed = ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(distributed)}
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
     )
