@@ -105,7 +105,7 @@ def test_draws_depend_on_seed_epoch_and_draw_only(adata):
 
 def test_small_data_trains_on_sub_sections_repeatably_and_records_them(adata):
     libraries = list(adata.obs["library_id"].cat.categories)
-    kwargs = dict(train_mask=libraries[:2], max_epochs=2, recipe="small_data", progress_bar=False, store=False, seed=3)
+    kwargs = dict(train_mask=libraries[:2], max_epochs=2, recipe="small_data", progress=False, store=False, seed=3)
     first, second = (sthisto.tl.train(adata, "thitogene_tiny", subsection_spots=16, **kwargs) for _ in range(2))
     fitted = first.trained_on["n_fit_spots"]
     assert first.trained_on["subsections"] == {"spots": 16, "per_epoch": -(-fitted // 16)}
@@ -145,13 +145,13 @@ def test_validation_pearson_counts_a_gene_predicted_as_a_constant_as_zero():
 def test_bad_sub_section_settings_are_refused_with_the_fix(adata, params, message):
     data = adata.copy()
     with pytest.raises(InputError, match=message):
-        sthisto.tl.train(data, "thitogene_tiny", max_epochs=1, recipe="small_data", progress_bar=False, **params)
+        sthisto.tl.train(data, "thitogene_tiny", max_epochs=1, recipe="small_data", progress=False, **params)
     assert "models" not in data.uns.get("sthisto", {})
 
 
 def test_a_killed_sub_section_run_resumes_to_the_same_weights(adata, tmp_path):
     checkpoints = tmp_path / "ckpt"
-    options = 'max_epochs=4, seed=2, recipe="small_data", subsection_spots=16, progress_bar=False'
+    options = 'max_epochs=4, seed=2, recipe="small_data", subsection_spots=16, progress=False'
     script = f"""
         import os, signal, sys
         import torch
@@ -178,7 +178,7 @@ def test_a_killed_sub_section_run_resumes_to_the_same_weights(adata, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU reductions are bit-identical only at the same thread count
     try:
-        kwargs = dict(max_epochs=4, seed=2, recipe="small_data", subsection_spots=16, progress_bar=False, store=False)
+        kwargs = dict(max_epochs=4, seed=2, recipe="small_data", subsection_spots=16, progress=False, store=False)
         resumed = sthisto.tl.train(adata, "thitogene_tiny", checkpoint_dir=checkpoints, resume=True, **kwargs)
         uninterrupted = sthisto.tl.train(adata, "thitogene_tiny", **kwargs)
     finally:
