@@ -62,6 +62,7 @@ def test_output_bias_starts_at_the_scaled_training_mean(cohort):
     layer = output_layer(fresh.network, len(fresh.genes))
     np.testing.assert_allclose(scale, targets.std(axis=0), rtol=1e-6)
     np.testing.assert_allclose(layer.bias.detach().numpy(), (targets / scale).mean(axis=0), rtol=1e-5)
+    assert not layer.weight.detach().any()  # the first prediction is exactly the gene means
     assert fresh.training_params["weight_decay"] == pytest.approx(1e-4)
     spec = fresh.data_params["input_standardization"]
     features = np.asarray(fresh._features_cache(adata))[index]
@@ -105,3 +106,117 @@ def test_cross_validate_compares_recipes_on_identical_folds(cohort):
     )
     assert set(paper["recipe"]) == {"paper"} and set(small["recipe"]) == {"small_data"}
     assert list(paper["group"]) == list(small["group"])
+
+
+def _dihedral_group(patch: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 rotations / reflections of one (C, H, H) patch, built independently of the code under test."""
+    views = []
+    for base in (patch, patch.flip(-1)):
+        for turns in range(4):
+            views.append(torch.rot90(base, turns, dims=(-2, -1)))
+    return views
+
+
+def test_dihedral_views_rotate_or_mirror_each_patch_and_leave_the_input_alone():
+    from sthisto.engine._augment import augment_batch, dihedral_views
+
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.randint(0, 256, (64, 3, 9, 9), generator=generator, dtype=torch.uint8)
+    original = patches.clone()
+    torch.manual_seed(1)
+    out = dihedral_views(patches)
+    torch.manual_seed(1)
+    again = dihedral_views(patches)
+    assert torch.equal(patches, original) and torch.equal(out, again)  # untouched input; seeded
+    seen = set()
+    for patch, view in zip(patches, out, strict=True):
+        matches = [k for k, candidate in enumerate(_dihedral_group(patch)) if torch.equal(candidate, view)]
+        assert matches, "an augmented patch is not a rotation or reflection of its input"
+        seen.add(matches[0])
+    assert len(seen) == 8  # every view is drawn (64 spots: missing one has probability < 1e-3)
+    assert sorted(out.flatten().tolist()) == sorted(patches.flatten().tolist())  # no pixel value changes
+    with pytest.raises(ValueError, match="square"):
+        dihedral_views(torch.zeros(2, 3, 4, 5))
+    features = {"features": torch.ones(3, 4)}
+    assert augment_batch(features) is features  # feature methods are not augmented
+
+
+def test_small_data_keeps_the_epoch_with_the_best_held_aside_pearson(cohort):
+    adata = cohort.copy()
+    kwargs = {"train_mask": ["S01", "S02"], "max_epochs": 8, "store": False, "progress": False}
+    model = sthisto.tl.train(adata, "histosge_tiny", recipe="small_data", early_stopping=50, **kwargs)
+    assert model.trained_on["selected_on"] == "val_pearson_gene"
+    curve = model.history["val_pearson_gene"]
+    assert len(curve) == 8 and model.trained_on["selected_epoch"] == int(np.argmax(curve))
+    by_loss = sthisto.tl.train(
+        adata, "histosge_tiny", recipe="small_data", monitor="val_loss", early_stopping=50, **kwargs
+    )
+    assert by_loss.trained_on["selected_on"] == "val_loss"
+    assert by_loss.trained_on["selected_epoch"] == int(np.argmin(by_loss.history["val_loss"]))
+    paper = sthisto.tl.train(adata, "histosge_tiny", validation=0.2, **kwargs)
+    assert paper.trained_on["selected_on"] == "val_loss"  # the paper recipe selects on its loss
+    with pytest.raises(InputError, match="monitor"):
+        sthisto.tl.train(adata, "histosge_tiny", monitor="val_accuracy", **kwargs)
+
+
+def test_small_data_ensemble_members_hold_aside_different_sections():
+    adata = sthisto.datasets.synthetic(n_sections=5, n_patients=1, n_spots=40, n_genes=4, seed=2)
+    model = sthisto.tl.train(
+        adata,
+        "histosge_tiny",
+        train_mask=["S01", "S02", "S03", "S04"],
+        recipe="small_data",
+        n_members=3,
+        max_epochs=2,
+        store=False,
+        progress=False,
+    )
+    held_aside = [m.trained_on["validation_libraries"] for m in [model, *model.members]]
+    assert held_aside == [["S04"], ["S03"], ["S02"]]
+    assert model.trained_on["ensemble"]["member_held_aside"] == held_aside
+    for member in [model, *model.members]:
+        assert set(member.trained_on["libraries"]) == {"S01", "S02", "S03", "S04"}  # fitted on the rest
+    test = adata[adata.obs["library_id"] == "S05"].copy()
+    each = np.stack([member.predict_network(test) for member in [model, *model.members]])
+    assert not np.allclose(each[0], each[1])  # different members, different networks
+    np.testing.assert_allclose(model.predict(test), each.mean(axis=0), rtol=1e-6)  # an ensemble predicts its mean
+    sthisto.tl.predict(test, model, key_added="pred")
+    np.testing.assert_allclose(np.asarray(test.layers["pred"]), each.mean(axis=0), rtol=1e-6)
+
+
+def test_small_data_defaults_an_ensemble_and_the_methods_own_learning_rate(cohort):
+    adata = cohort.copy()
+    kwargs = {"train_mask": ["S01", "S02"], "max_epochs": 1, "store": False, "progress": False}
+    small = sthisto.tl.train(adata, "histospace_tiny", recipe="small_data", **kwargs)
+    assert len(small.members) == 3 and small.trained_on["ensemble"]["n_members"] == 4
+    assert small.training_params["lr"] == pytest.approx(small.training_params["small_data_lr"]) == pytest.approx(1e-3)
+    paper = sthisto.tl.train(adata, "histospace_tiny", **kwargs)
+    assert paper.members == [] and paper.training_params["lr"] == pytest.approx(1e-4)  # the paper's
+    given = sthisto.tl.train(adata, "histospace_tiny", recipe="small_data", n_members=1, lr=5e-4, **kwargs)
+    assert given.members == [] and given.training_params["lr"] == pytest.approx(5e-4)  # the user's choice wins
+    ridge = sthisto.tl.train(adata, "ridge", recipe="small_data", **kwargs)
+    assert ridge.members == []  # closed form: nothing to ensemble by default
+
+
+def test_hggef_log_expression_head_starts_at_the_gene_means_its_count_heads_untouched(cohort):
+    from sthisto._method_registry import resolve_method
+    from sthisto.tl._train import _targets
+
+    adata = cohort.copy()
+    cls, variant = resolve_method("hggef_tiny")
+    index = np.flatnonzero((adata.obs["library_id"] != "S03").to_numpy())
+    genes = list(adata.var_names)
+    target = cls.all_data_defaults()["target"]
+    targets, _, _ = _targets(adata, index, genes, layer=None, variant=target, need_counts=True)
+    torch.manual_seed(0)
+    model = cls.configure(adata, genes=genes, train_index=index, params=variant)
+    counts_head = {k: v.clone() for k, v in model.network.zinb.state_dict().items()}
+    fitted, scale = prepare(model, adata, index, targets, user_params=variant)
+    assert scale is None and fitted is targets  # counts and their target are fitted as given
+    head = model.prediction_layer()
+    assert not head.weight.detach().any()
+    dense = targets.toarray() if hasattr(targets, "toarray") else np.asarray(targets)
+    np.testing.assert_allclose(head.bias.detach().numpy(), dense.mean(axis=0), rtol=1e-5, atol=1e-7)
+    for key, value in model.network.zinb.state_dict().items():
+        assert torch.equal(value, counts_head[key]), key
+    assert model.training_params["lr"] == pytest.approx(3e-3)  # the tiny network's small_data_lr

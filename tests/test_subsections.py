@@ -87,6 +87,27 @@ def test_a_smaller_sub_section_is_the_unit_prediction_builds_for_those_spots(ada
     assert np.isfinite(_loss(model, crop).item())
 
 
+def test_shifted_crops_keep_their_layout_inside_the_position_tables(adata):
+    from sthisto.engine._subsections import position_table_size
+
+    model, sections = _sections(adata, "thitogene_tiny")
+    items = [s.tensors for s in sections]
+    table = position_table_size(model.network)
+    assert table == model.network.position.n_positions
+    plain = SubsectionDataset(model, items, spots=12, per_epoch=6, seed=1)
+    shifted = SubsectionDataset(model, items, spots=12, per_epoch=6, seed=1, shift_positions=table)
+    offsets = set()
+    for draw in range(6):
+        a, b = plain[(0, draw)], shifted[(0, draw)]
+        offset = b["positions"] - a["positions"]
+        assert (offset == offset[0]).all()  # one translation per crop: relative layout unchanged
+        assert int(b["positions"].min()) >= 0 and int(b["positions"].max()) < table
+        assert torch.equal(a["edge_index"], b["edge_index"]) and torch.equal(a["patches"], b["patches"])
+        assert torch.equal(b["positions"], shifted[(0, draw)]["positions"])  # seeded by (seed, epoch, draw)
+        offsets.add(tuple(offset[0].tolist()))
+    assert len(offsets) > 1  # the crops really move
+
+
 def test_draws_depend_on_seed_epoch_and_draw_only(adata):
     model, sections = _sections(adata, "thitogene_tiny")
     items = [s.tensors for s in sections]
@@ -105,10 +126,11 @@ def test_draws_depend_on_seed_epoch_and_draw_only(adata):
 
 def test_small_data_trains_on_sub_sections_repeatably_and_records_them(adata):
     libraries = list(adata.obs["library_id"].cat.categories)
-    kwargs = dict(train_mask=libraries[:2], max_epochs=2, recipe="small_data", progress=False, store=False, seed=3)
+    kwargs = dict(train_mask=libraries[:2], max_epochs=2, recipe="small_data", n_members=1, progress=False, store=False)
+    kwargs["seed"] = 3
     first, second = (sthisto.tl.train(adata, "thitogene_tiny", subsection_spots=16, **kwargs) for _ in range(2))
     fitted = first.trained_on["n_fit_spots"]
-    assert first.trained_on["subsections"] == {"spots": 16, "per_epoch": -(-fitted // 16)}
+    assert first.trained_on["subsections"] == {"spots": 16, "per_epoch": -(-fitted // 16), "position_shift": True}
     for name, value in _weights(first).items():
         np.testing.assert_array_equal(value, _weights(second)[name], err_msg=name)
     curve = first.history["val_pearson_gene"]  # the learning curve on held-aside training spots
@@ -145,13 +167,15 @@ def test_validation_pearson_counts_a_gene_predicted_as_a_constant_as_zero():
 def test_bad_sub_section_settings_are_refused_with_the_fix(adata, params, message):
     data = adata.copy()
     with pytest.raises(InputError, match=message):
-        sthisto.tl.train(data, "thitogene_tiny", max_epochs=1, recipe="small_data", progress=False, **params)
+        sthisto.tl.train(
+            data, "thitogene_tiny", max_epochs=1, recipe="small_data", n_members=1, progress=False, **params
+        )
     assert "models" not in data.uns.get("sthisto", {})
 
 
 def test_a_killed_sub_section_run_resumes_to_the_same_weights(adata, tmp_path):
     checkpoints = tmp_path / "ckpt"
-    options = 'max_epochs=4, seed=2, recipe="small_data", subsection_spots=16, progress=False'
+    options = 'max_epochs=4, seed=2, recipe="small_data", n_members=1, subsection_spots=16, progress=False'
     script = f"""
         import os, signal, sys
         import torch
@@ -178,7 +202,8 @@ def test_a_killed_sub_section_run_resumes_to_the_same_weights(adata, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU reductions are bit-identical only at the same thread count
     try:
-        kwargs = dict(max_epochs=4, seed=2, recipe="small_data", subsection_spots=16, progress=False, store=False)
+        kwargs = dict(max_epochs=4, seed=2, recipe="small_data", n_members=1, subsection_spots=16, progress=False)
+        kwargs["store"] = False
         resumed = sthisto.tl.train(adata, "thitogene_tiny", checkpoint_dir=checkpoints, resume=True, **kwargs)
         uninterrupted = sthisto.tl.train(adata, "thitogene_tiny", **kwargs)
     finally:

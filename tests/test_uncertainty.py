@@ -328,6 +328,6 @@ def test_every_method_gives_an_ensemble_spread_and_conformal_intervals(method):
     assert np.isfinite(spread).all() and (spread > 0).any()
     assert (lower <= point).all() and (point <= upper).all() and np.isfinite(upper).all()
     members = [sthisto.tl.get_model(adata, method), *sthisto.tl.get_model(adata, method).members]
-    each = np.stack([m.predict(test) for m in members])
+    each = np.stack([m.predict_network(test) for m in members])
     np.testing.assert_allclose(point, each.mean(axis=0), rtol=1e-5, atol=1e-6)
     assert len(model.members) == 1

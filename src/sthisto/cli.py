@@ -359,7 +359,7 @@ def cmd_train(args, progress: _Progress) -> int:
         "recipe": args.recipe,
         "models_dir": args.models_dir,
     }
-    defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0, "n_members": 1, "recipe": "paper"}
+    defaults = {**dict.fromkeys(options), "device": "auto", "seed": 0, "n_members": None, "recipe": "paper"}
     kwargs = merge_params(options, defaults, parse_params(args.param))
     kwargs.setdefault("progress", _progress_bar(args.quiet))
     kwargs["overwrite"] = args.overwrite
@@ -738,7 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and validation split (default 0)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable), e.g. lr=1e-4")
-    p.add_argument("--n-members", type=int, default=1, help="train a deep ensemble of this many members (default 1)")
+    p.add_argument(
+        "--n-members",
+        type=int,
+        default=None,
+        help="train a deep ensemble of this many members (default 1; 4 for networks under --recipe small_data)",
+    )
     p.add_argument(
         "--recipe",
         choices=("paper", "small_data"),

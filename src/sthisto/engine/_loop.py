@@ -74,6 +74,10 @@ class _ExpressionModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
+        if getattr(self._model, "_augment", False):
+            from ._augment import augment_batch
+
+            batch = augment_batch(batch)
         return self._step(batch, "train")
 
     def on_validation_epoch_start(self) -> None:
@@ -88,7 +92,10 @@ class _ExpressionModule(pl.LightningModule):
         if self._validation_pairs:
             prediction = torch.cat([p for p, _ in self._validation_pairs]).numpy()
             target = torch.cat([t for _, t in self._validation_pairs]).numpy()
-            self.log("val_pearson_gene", pearson_per_gene_mean(prediction, target), on_epoch=True)
+            score = pearson_per_gene_mean(prediction, target)
+            # Undefined (no gene varies on the held-aside spots) is scored as the worst value, so
+            # that selecting on it never stops training on a NaN.
+            self.log("val_pearson_gene", score if np.isfinite(score) else -1.0, on_epoch=True)
         self._validation_pairs = []
 
     def configure_optimizers(self):
@@ -110,12 +117,18 @@ class _EpochReseed(pl.Callback):
         torch.manual_seed(self.seed * 7919 + trainer.current_epoch * 104_729 + trainer.global_rank)
 
 
-class _History(pl.Callback):
-    """Collect per-epoch train/validation loss; keep the best weights when validating."""
+MONITORS = {"val_loss": "min", "val_pearson_gene": "max"}
+"""What model selection and early stopping can watch on held-aside training data, and which way is better."""
 
-    def __init__(self, model, *, keep_best: bool) -> None:
+
+class _History(pl.Callback):
+    """Collect per-epoch train/validation loss; keep the weights of the best ``monitor`` epoch."""
+
+    def __init__(self, model, *, keep_best: bool, monitor: str = "val_loss") -> None:
         self.model = model
         self.keep_best = keep_best
+        self.monitor = monitor
+        self.sign = 1.0 if MONITORS[monitor] == "min" else -1.0
         self.best_loss = float("inf")
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch: int | None = None
@@ -131,8 +144,10 @@ class _History(pl.Callback):
         history["val_loss"].append(val)
         if "val_pearson_gene" in metrics:
             history.setdefault("val_pearson_gene", []).append(float(metrics["val_pearson_gene"]))
-        if self.keep_best and np.isfinite(val) and val < self.best_loss:
-            self.best_loss = val
+        watched = val if self.monitor == "val_loss" else float(metrics.get(self.monitor, float("nan")))
+        # best_loss holds sign * monitored value: lower is better whichever metric is watched
+        if self.keep_best and np.isfinite(watched) and self.sign * watched < self.best_loss:
+            self.best_loss = self.sign * watched
             self.best_epoch = int(epoch)
             self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.network.state_dict().items()}
 
@@ -267,6 +282,7 @@ def run_training(
     num_nodes: int = 1,
     precision: str | None = None,
     early_stopping: int | None = None,
+    monitor: str = "val_loss",
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress_bar: bool | str = True,
@@ -280,23 +296,31 @@ def run_training(
     autoencoder stage. ``train_items`` is a list of ready items, or a dataset with a
     ``loader()`` of its own (:class:`~sthisto.engine._subsections.SubsectionDataset`).
 
+    ``monitor`` is what model selection and early stopping watch on the validation items:
+    ``"val_loss"`` (lowest wins) or ``"val_pearson_gene"`` (the mean per-gene Pearson r,
+    highest wins).
+
     Returns
     -------
     The history callback (per-epoch losses are also written to ``model.history``). With
     validation items, ``model.network`` ends with the weights of the best validation epoch.
     """
+    if monitor not in MONITORS:
+        raise InputError(f"monitor={monitor!r} is not known; use one of {sorted(MONITORS)}.")
     if not len(train_items):
         raise InputError("no training items: select at least one training spot (or tile).")
     epochs = int(max_epochs if max_epochs is not None else model.training_params["max_epochs"])
     accelerator, auto_devices = lightning_accelerator(device)
     if precision is None:
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
-    history = _History(model, keep_best=bool(val_items))
+    history = _History(model, keep_best=bool(val_items), monitor=monitor)
     history.precision = precision
     enable_progress_bar, progress = progress_callbacks(progress_bar)
     callbacks: list[pl.Callback] = [_EpochReseed(seed), history, *progress]
     if early_stopping and val_items:
-        callbacks.append(pl.callbacks.EarlyStopping(monitor="val_loss", patience=int(early_stopping), mode="min"))
+        callbacks.append(
+            pl.callbacks.EarlyStopping(monitor=monitor, patience=int(early_stopping), mode=MONITORS[monitor])
+        )
     elif early_stopping:
         raise InputError("early_stopping needs a validation split (validation=0.1 or a list of libraries).")
     ckpt_path = None
@@ -351,7 +375,12 @@ def run_training(
         )
     if history.best_state is not None:
         model.network.load_state_dict(history.best_state)
-        logger.info("kept the weights of epoch %d (lowest validation loss %.4g)", history.best_epoch, history.best_loss)
+        logger.info(
+            "kept the weights of epoch %d (best %s: %.4g)",
+            history.best_epoch,
+            monitor,
+            history.sign * history.best_loss,
+        )
     model.network.to("cpu")
     return history
 
@@ -366,6 +395,7 @@ def fit_model(
     size_factors: np.ndarray | None = None,
     validation=None,
     early_stopping: int | None = None,
+    monitor: str = "val_loss",
     seed: int = 0,
     max_epochs: int | None = None,
     device="auto",
@@ -406,11 +436,13 @@ def fit_model(
     if model.batching == "spots":  # per-spot items: drop spots whose targets the loss must not see
         train_items = [i for i in train_items if bool(i.pop("loss_mask", True))]
         val_items = [i for i in val_items if bool(i.pop("loss_mask", True))]
-    from ._subsections import SubsectionDataset, subsection_settings
+    from ._subsections import SubsectionDataset, position_table_size, subsection_settings
 
     subsections = subsection_settings(model, int(fit_mask.sum()))
     if subsections is not None:  # section-wide methods: random spatial crops, validated on whole sections
-        train_items = SubsectionDataset(model, train_items, seed=seed, **subsections)
+        shift = position_table_size(model.network) if getattr(model, "_recipe", "paper") == "small_data" else None
+        train_items = SubsectionDataset(model, train_items, seed=seed, shift_positions=shift, **subsections)
+        subsections = {**subsections, "position_shift": shift is not None}
     history = run_training(
         model,
         train_items,
@@ -424,6 +456,7 @@ def fit_model(
         num_nodes=num_nodes,
         precision=precision,
         early_stopping=early_stopping,
+        monitor=monitor,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         progress_bar=progress_bar,
@@ -438,6 +471,7 @@ def fit_model(
         "validation_libraries": val_libraries,
         "n_validation_spots": int(val_mask.sum()),
         "selected_epoch": history.best_epoch if history.best_state is not None else len(model.history["epoch"]) - 1,
+        "selected_on": monitor if history.best_state is not None else "last epoch",
         "seed": int(seed),
         "max_epochs": epochs,
         "precision": str(history.precision),

@@ -13,13 +13,20 @@ What this buys:
 - many optimiser steps per epoch instead of one per section;
 - memory bounded by the sub-section, whatever the size of the sections;
 - a random crop as augmentation: a spot is seen with a different context (neighbours in the
-  attention, graph edges at the crop's border) in every epoch.
+  attention, graph edges at the crop's border) in every epoch;
+- under ``recipe="small_data"``, a random translation of the crop's grid positions (within
+  the network's position tables): the grid coordinates of a new section have nothing to do
+  with those of the training sections, so a position token that identifies a training spot
+  (and lets the network recall its expression) is memorisation, not something that carries
+  over. Shifted, the tokens still tell the network which spots are neighbours (relative
+  layout, the kNN graph and distances are unchanged) but not which training spot it sees.
 
 A sub-section is built as prediction builds one of its units (``ExpressionModel.unit_section``):
 the section's per-spot tensors restricted to the crop's rows, in section order, and the kNN
 graph rebuilt on the crop's own grid positions with the model's graph settings, so no edge
-leads out of the crop. The grid positions stay those of the section (not re-indexed), as for a
-measured section at prediction. A crop holding the whole section is the whole section.
+leads out of the crop. Without the shift, the grid positions stay those of the section (not
+re-indexed), as for a measured section at prediction, and a crop holding the whole section is
+the whole section.
 
 Every draw comes from a generator seeded by ``(seed, epoch, draw)`` alone: runs repeat with a
 seed, a resumed run draws exactly what the uninterrupted one would have, and DDP ranks share
@@ -86,6 +93,14 @@ def subsection_settings(model, n_fit_spots: int) -> dict[str, int] | None:
     return {"spots": spots, "per_epoch": per_epoch}
 
 
+def position_table_size(network) -> int | None:
+    """Entries per axis of the network's grid-position tables (None when it has none)."""
+    from ..models.layers.position import GridPositionEmbedding
+
+    sizes = [m.n_positions for m in network.modules() if isinstance(m, GridPositionEmbedding)]
+    return min(sizes) if sizes else None
+
+
 def crop_graph(model, positions: torch.Tensor) -> torch.Tensor:
     """The kNN edge index a section of these grid positions gets from ``section_inputs``."""
     from ..pp._graph import knn_edge_index
@@ -129,12 +144,25 @@ class SubsectionDataset(Dataset):
         Spots per sub-section and sub-sections per epoch.
     seed
         The run's seed.
+    shift_positions
+        Translate each crop's grid positions by a random offset that keeps them inside
+        ``[0, shift_positions)`` (the position-table size); ``None``: positions as they are.
     """
 
-    def __init__(self, model, items: Sequence[dict[str, Any]], *, spots: int, per_epoch: int, seed: int) -> None:
+    def __init__(
+        self,
+        model,
+        items: Sequence[dict[str, Any]],
+        *,
+        spots: int,
+        per_epoch: int,
+        seed: int,
+        shift_positions: int | None = None,
+    ) -> None:
         from scipy.spatial import cKDTree
 
         self.model = model
+        self.shift_positions = None if shift_positions is None else int(shift_positions)
         self.items = list(items)
         self.spots = int(spots)
         self.per_epoch = int(per_epoch)
@@ -166,7 +194,18 @@ class SubsectionDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, draw = key
         number, rows = self.draw(epoch, draw)
-        return crop_tensors(self.model, self.items[number], rows)
+        crop = crop_tensors(self.model, self.items[number], rows)
+        if self.shift_positions is not None and "positions" in crop:
+            crop["positions"] = self.shifted(crop["positions"], epoch, draw)
+        return crop
+
+    def shifted(self, positions: torch.Tensor, epoch: int, draw: int) -> torch.Tensor:
+        """``positions`` moved by an offset drawn per (seed, epoch, draw), inside the tables."""
+        low = positions.min(dim=0).values.numpy()
+        room = self.shift_positions - 1 - positions.max(dim=0).values.numpy()
+        rng = np.random.default_rng([self.seed, int(epoch), int(draw), 1])
+        offset = [int(rng.integers(-lo, up + 1)) if up >= 0 else 0 for lo, up in zip(low, room, strict=True)]
+        return positions + torch.as_tensor(offset, dtype=positions.dtype)
 
     def loader(self) -> DataLoader:
         """One item per step, drawn for the epoch Lightning sets on the sampler."""

@@ -314,12 +314,22 @@ class PredictionPlanning:
         """Predict the model's genes for spots ``index`` of ``adata`` (default all), unit by unit.
 
         See :meth:`prediction_plan` for how sections are streamed (batches of spots, or spatial
-        neighbourhoods with a halo for section-wide methods).
+        neighbourhoods with a halo for section-wide methods). An ensemble
+        (``tl.train(..., n_members=K)``) predicts the mean of its members, as
+        :func:`sthisto.tl.predict` does.
 
         Returns
         -------
         ``(len(index), n_genes)`` float32 array in the model's target scale.
         """
+        members = getattr(self, "members", [])
+        if not members:
+            return self.predict_network(adata, index, device=device)
+        stack = [model.predict_network(adata, index, device=device) for model in (self, *members)]
+        return np.mean(stack, axis=0).astype(np.float32)
+
+    def predict_network(self, adata, index: np.ndarray | None = None, *, device="auto") -> np.ndarray:
+        """The prediction of the network of this model alone (:meth:`predict` without its ensemble members)."""
         try:
             plan = self.prediction_plan(adata, index)
         except BaseException:

@@ -54,6 +54,8 @@ _COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "max_epochs": 100,
     "batch_size": None,
+    # the learning rate of recipe="small_data" (None: lr); each method sets the one measured for it
+    "small_data_lr": None,
 }
 
 

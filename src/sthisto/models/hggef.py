@@ -809,7 +809,8 @@ class HGGEF(ExpressionModel):
 
     name = "hggef"
     aliases = ("hggep",)
-    variants = {"tiny": dict(TINY_CONFIG)}
+    # small_data_lr: as THItoGene's (docs/methods.md, "Training recipes")
+    variants = {"tiny": {**TINY_CONFIG, "small_data_lr": 3e-3}}
     input_kind = "pixels"
     needs_graph = True
     section_wide = True
@@ -833,6 +834,7 @@ class HGGEF(ExpressionModel):
         "distillation_weight": 0.5,
         "subsection_spots": None,
         "subsections_per_epoch": None,
+        "small_data_lr": 1e-4,
     }
 
     @classmethod
@@ -844,6 +846,10 @@ class HGGEF(ExpressionModel):
             params.setdefault("patch_size_um", None)
             params.setdefault("max_epochs", REFERENCE_MAX_EPOCHS)
         return super().configure(adata, genes=genes, train_index=train_index, params=params)
+
+    def prediction_layer(self):
+        """The linear layer of the log-expression head (the MSE term's output; the ZINB heads are apart)."""
+        return self.network.head[-1]
 
     @classmethod
     def from_manifest(cls, manifest):

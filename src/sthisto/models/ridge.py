@@ -435,8 +435,8 @@ class Ridge(ExpressionModel):
             raise InputError("this ridge model is not fitted; train it with sthisto.tl.train(adata, 'ridge').")
         return self.estimator.predict(section.tensors["features"].numpy()).astype(np.float32)
 
-    def predict(self, adata, index=None, *, device="cpu") -> np.ndarray:
-        """Predict with the fitted estimator (CPU; ``device`` is accepted for a uniform API)."""
+    def predict_network(self, adata, index=None, *, device="cpu") -> np.ndarray:
+        """Predict with this fitted estimator alone (CPU; ``device`` is accepted for a uniform API)."""
         index = np.arange(adata.n_obs) if index is None else np.asarray(index)
         self.check_inputs(adata, index)
         try:

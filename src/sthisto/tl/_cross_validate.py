@@ -765,7 +765,12 @@ def cross_validate(
         raise InputError(f"evaluate_params has {unknown_eval}, which sthisto.tl.evaluate does not accept.")
 
     _check_spread_options(uncertainty, interval, calibration)
-    if uncertainty == "ensemble" and int(train_params.get("n_members", 1)) < 2:
+    members = train_params.get("n_members")
+    if (
+        uncertainty == "ensemble"
+        and (members if members is not None else 1) < 2
+        and train_params.get("recipe", "paper") != "small_data"
+    ):
         raise InputError("uncertainty='ensemble' trains ensembles in every fold: pass n_members=K (K >= 2) as well.")
     plan = plan_folds(adata, split, folds, seed=seed)
     gene_selection, rule = _gene_rule(adata, genes)

@@ -186,6 +186,7 @@ def train(
     seed: int = 0,
     validation: float | Sequence[str] | None = None,
     early_stopping: int | None = None,
+    monitor: str | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     devices: int | str | Sequence[int] | None = None,
@@ -197,7 +198,7 @@ def train(
     models_dir: str | Path | None = None,
     overwrite: bool = False,
     recipe: str = "paper",
-    n_members: int = 1,
+    n_members: int | None = None,
     bootstrap: bool | None = None,
     **method_params: Any,
 ) -> ExpressionModel:
@@ -235,6 +236,11 @@ def train(
         the training data only, never from spots outside ``train_mask``.
     early_stopping
         Stop after this many epochs without validation improvement (needs ``validation``).
+    monitor
+        What "best epoch" and early stopping mean on the validation data: ``"val_loss"``
+        (lowest loss; the default of ``recipe="paper"``) or ``"val_pearson_gene"`` (highest
+        mean per-gene Pearson r, the score the tables report; the default of
+        ``recipe="small_data"``). Recorded in ``model.trained_on['selected_on']``.
     checkpoint_dir
         Folder for Lightning checkpoints (``last.ckpt`` after every epoch).
     resume
@@ -261,18 +267,25 @@ def train(
         ``"small_data"``: the same architecture and loss, optimised to learn from few sections:
         per-gene target scaling folded back into the output layer, output bias at the training
         mean, standardised input features, weight decay ``1e-4`` (unless ``weight_decay=`` is
-        given), linear warm-up then cosine decay, and, unless ``validation=`` is given,
-        validation on held-aside training data (15 % of the training spots, or the last
-        training section when there are four or more) with early stopping (patience: a tenth
-        of the epochs, at least 10; or ``early_stopping=``); THItoGene and HGGEF train on
-        random spatial sub-sections of their sections (``subsection_spots``,
-        ``subsections_per_epoch``; recorded in ``model.trained_on['subsections']``). Recorded in
+        given), the method's ``small_data_lr`` (unless ``lr=`` is given), linear warm-up then
+        cosine decay, and, unless ``validation=`` is given, validation on held-aside training
+        data (15 % of the training spots, or the last training section when there are four or
+        more) with early stopping (patience: a fifth of the epochs, at least 20; or
+        ``early_stopping=``) and the best epoch kept, "best" being the highest per-gene
+        Pearson r there (see ``monitor``); networks that read image patches see each training
+        patch under a random one of its 8 rotations / reflections; THItoGene and HGGEF train on
+        random spatial sub-sections of their sections, their grid positions shifted at random
+        (``subsection_spots``, ``subsections_per_epoch``; recorded in
+        ``model.trained_on['subsections']``); and an ensemble of 4 networks (see
+        ``n_members``) whose members hold aside different training sections. Recorded in
         ``model.trained_on['recipe']`` and the ``recipe`` column of metrics tables; what each
         change is for is on the methods page ("Training recipes"). Closed-form methods (ridge)
         are unaffected.
     n_members
         Train a deep ensemble of this many models through the same training path; member
-        ``k`` (0-based) uses seed ``seed + 1000 * k``. The returned model is member 0 and
+        ``k`` (0-based) uses seed ``seed + 1000 * k``. ``None`` (default): 1, or under
+        ``recipe="small_data"`` 4 for networks (an ensemble whose members hold aside different
+        training sections; measured on her2st, see the methods page). The returned model is member 0 and
         carries the others in ``model.members``; its predictions are the members' mean and
         ``tl.predict(..., uncertainty="ensemble")`` adds their standard deviation. Stored,
         saved and loaded as one model.
@@ -311,7 +324,9 @@ def train(
     max_epochs = check_max_epochs(max_epochs)
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise InputError(f"seed={seed!r} must be an integer (it seeds weights, data order and the validation split).")
-    n_members, bootstrap = check_members(n_members, bootstrap, cls)
+    from ..engine._recipes import check_recipe, default_members
+
+    n_members, bootstrap = check_members(default_members(n_members, check_recipe(recipe), cls), bootstrap, cls)
     key_added = key_added or (method if isinstance(method, str) else cls.name)
     if store and not overwrite and key_added in adata.uns.get(Uns.STHISTO, {}).get(Uns.MODELS, {}):
         raise InputError(
@@ -333,9 +348,10 @@ def train(
     params = {**variant_params, **method_params}
     cls.split_params(params)  # unknown parameter names fail here, before any work
     requested_validation, requested_early_stopping = validation, early_stopping  # members decide their own
-    from ..engine._recipes import check_recipe, default_patience, default_validation
+    from ..engine._recipes import check_monitor, check_recipe, default_patience, default_validation
 
     recipe = check_recipe(recipe)
+    monitor = check_monitor(monitor, recipe)
     if recipe == "small_data" and cls.network_class is not None:
         if validation is None:
             validation = default_validation(sorted(set(library_ids(adata)[train_index])))
@@ -365,6 +381,7 @@ def train(
 
         fit_targets, scale = prepare(model, adata, train_index, targets, user_params=params)
         model._recipe = recipe
+        model._augment = model.input_kind == "pixels"
     try:
         model.fit(
             adata,
@@ -374,6 +391,7 @@ def train(
             size_factors=sizes,
             validation=validation,
             early_stopping=early_stopping,
+            monitor=monitor,
             seed=seed,
             max_epochs=max_epochs,
             device=device,
@@ -387,11 +405,14 @@ def train(
         )
     finally:
         model.__dict__.pop("_recipe", None)
+        model.__dict__.pop("_augment", None)
     if scale is not None:
         from ..engine._recipes import fold_output_scale
 
         fold_output_scale(model, scale)
     model.trained_on["recipe"] = recipe
+    if recipe == "small_data" and model.network is not None:
+        model.trained_on["augmentation"] = "dihedral (8 views)" if model.input_kind == "pixels" else None
     # The gene-mean predictor (each gene's training mean at every spot) is the floor every
     # table is read against; tl.evaluate needs the mean the model saw, so it travels with it.
     model.trained_on[TARGET_MEAN_KEY] = training_mean(targets)
@@ -412,7 +433,9 @@ def train(
                 "device": device,
                 "validation": requested_validation,
                 "early_stopping": requested_early_stopping,
+                "monitor": monitor,
                 "recipe": recipe,
+                "n_members": 1,
                 "resume": resume,
                 "devices": devices,
                 "strategy": strategy,
@@ -461,6 +484,7 @@ def _train_members(
         mask = np.zeros(adata.n_obs, dtype=bool)
         mask[member_index] = True
         logger.info("training ensemble member %d of %d", number + 1, n_members)
+        member_options = {**options, "validation": _member_validation(adata, member_index, number, options)}
         members.append(
             train(
                 adata,
@@ -471,11 +495,28 @@ def _train_members(
                 seed=seed + 1000 * number,
                 checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"member{number}",
                 store=False,
-                **options,
+                **member_options,
             )
         )
     model.members = members
     model.trained_on["ensemble"] = describe([model, *members], bootstrap=bootstrap)
+
+
+def _member_validation(adata, member_index: np.ndarray, number: int, options: dict):
+    """Member ``number``'s validation: under ``small_data`` a different held-aside section each.
+
+    Member 0 holds aside the last training section (the recipe's default); member ``k`` the
+    ``k``-th from the end, cycling. Averaged, the members have fitted every training section
+    and chosen their epochs on different ones, instead of all ignoring the same section.
+    """
+    from ..engine._recipes import default_validation
+
+    if options.get("recipe") != "small_data" or options.get("validation") is not None:
+        return options.get("validation")
+    libraries = sorted(set(library_ids(adata)[member_index]))
+    if not isinstance(default_validation(libraries), list):
+        return None  # a spot fraction: the member's own seed draws a different one
+    return [libraries[-(1 + number) % len(libraries)]]
 
 
 def _check_engine_options(adata, train_index, validation, early_stopping, resume, checkpoint_dir, seed) -> None:

@@ -125,7 +125,8 @@ def _seeded(seed: int, device):
 
 
 def _predict(model, adata, index, device) -> np.ndarray:
-    return np.asarray(model.predict(adata, index, device=device), dtype=np.float32)
+    """One member's own prediction (``predict`` would average the ensemble it heads)."""
+    return np.asarray(model.predict_network(adata, index, device=device), dtype=np.float32)
 
 
 def _dropout_passes(model, adata, index, *, n_samples: int, seed: int, device) -> list[np.ndarray]:
@@ -305,6 +306,7 @@ def describe(members: Sequence, *, bootstrap: bool) -> dict[str, Any]:
         "seeds": [int(m.trained_on.get("seed", -1)) for m in members],
         "bootstrap_sections": bool(bootstrap),
         "member_libraries": [list(map(str, m.trained_on.get("libraries", []))) for m in members],
+        "member_held_aside": [list(map(str, m.trained_on.get("validation_libraries", []))) for m in members],
     }
 
 
