@@ -30,7 +30,8 @@ resident memory (``ru_maxrss`` of that process) and the wall time belong to that
 Written to ``--out`` as the rows finish (partial runs count): ``benchmark_table.csv`` (tidy, every
 column) and ``benchmark_table.md`` (one table per cohort). ``--append`` keeps the rows already
 in ``--out`` and replaces only those measured again, so a table can be built in several runs.
-For runs that validate (``small_data``), ``learning_curves.json``: per fold, the per-gene PCC on
+For runs that validate (``small_data``), ``learning_curves.json`` and its picture
+``learning_curves.png``: per fold and ensemble member, the per-gene PCC on
 the held-aside training data after every epoch. THItoGene / HGGEF rows say how they were batched
 (``subsections``: spots per sub-section x sub-sections per epoch; ``--subsection-spots``).
 
@@ -196,8 +197,9 @@ def run_one(
     info = adata.uns["sthisto"]["cross_validate"]["bench"]["folds"]
     ran = [len(json.loads(fold["history"]).get("epoch", [])) for fold in info.values()]
     closed_form = method.startswith(CLOSED_FORM)
-    # learning curves: per-gene PCC on each fold's held-aside training data, per epoch
-    curves = {fold: json.loads(fold_info["history"]).get("val_pearson_gene") for fold, fold_info in info.items()}
+    # learning curves: per-gene PCC on each fold's held-aside training data, per epoch, for
+    # every ensemble member (member 0 first)
+    curves = {fold: member_curves(fold_info) for fold, fold_info in info.items()}
     crop = next(iter(json.loads(fold_info["trained_on"]).get("subsections") for fold_info in info.values()), None)
     cls, _ = sthisto.models._registry.resolve_method(method)
     epochs = params.get("max_epochs", cls.all_training_defaults().get("max_epochs"))
@@ -223,6 +225,42 @@ def run_one(
         curves={fold: curve for fold, curve in curves.items() if curve},
     )
     return row
+
+
+def member_curves(fold_info: dict) -> list[list[float]]:
+    """Each ensemble member's held-aside per-gene PCC after every epoch (empty: no validation)."""
+    manifest = json.loads(fold_info["manifest"])
+    histories = [manifest["history"], *[member["history"] for member in manifest.get("members", [])]]
+    return [history["val_pearson_gene"] for history in histories if history.get("val_pearson_gene")]
+
+
+def plot_learning_curves(path: Path) -> Path | None:
+    """Draw ``learning_curves.json`` (one panel per cohort / method / recipe) next to it as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = json.loads(path.read_text())
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False, sharey=True)
+    for ax, (name, folds) in zip(axes[0], runs.items(), strict=True):
+        for number, (fold, members) in enumerate(folds.items()):
+            members = [members] if members and not isinstance(members[0], list) else members
+            for index, curve in enumerate(members):
+                label = f"test {fold}" if index == 0 else None
+                ax.plot(range(1, len(curve) + 1), curve, color=f"C{number}", linewidth=0.8, alpha=0.8, label=label)
+        ax.axhline(0, color="grey", linewidth=0.6)
+        ax.set_title(name.replace("/", " / "), fontsize=8)
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("per-gene PCC, held-aside training data")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def settings_text(params: dict) -> str:
@@ -409,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                 known = json.loads(path.read_text()) if path.exists() else {}
                 known[f"{cohort}/{method}/{recipe}/{row['subsections'] or 'whole sections'}"] = curves
                 path.write_text(json.dumps(known, indent=1))
+                plot_learning_curves(path)
             rows.append(row)
             print("   ", {k: row[k] for k in ("pearson_gene_mean", "pearson_spot_mean", "seconds", "peak_rss_gb")})
             text = write_tables(combined(previous, rows), args.out)  # written as we go: partial runs count

@@ -87,3 +87,24 @@ def test_markdown_shows_counts_as_integers_and_undefined_as_dash(table, tmp_path
     gene_mean_line = next(line for line in text.splitlines() if line.startswith("| gene_mean"))
     assert "| – |" in gene_mean_line and "| 36 |" in gene_mean_line
     assert (tmp_path / "benchmark_table.csv").exists() and (tmp_path / "benchmark_table.md").read_text() == text
+
+
+def test_learning_curves_of_every_member_are_collected_and_drawn(table, tmp_path):
+    import json
+
+    import sthisto
+
+    adata = sthisto.datasets.synthetic(n_sections=4, n_patients=1, n_spots=40, n_genes=4, seed=3)
+    model = sthisto.tl.train(
+        adata, "histosge_tiny", recipe="small_data", n_members=2, max_epochs=3, store=False, progress=False
+    )
+    curves = table.member_curves({"manifest": json.dumps(model.manifest())})
+    assert curves == [model.history["val_pearson_gene"], model.members[0].history["val_pearson_gene"]]
+    assert all(len(curve) == len(model.history["epoch"]) for curve in curves[:1])
+    path = tmp_path / "learning_curves.json"
+    # the current layout (a list of member curves per fold) and the earlier one (one curve per fold)
+    path.write_text(
+        json.dumps({"synthetic/histosge_tiny/small_data/whole sections": {"S01": curves, "S02": [0.1, 0.2]}})
+    )
+    png = table.plot_learning_curves(path)
+    assert png == tmp_path / "learning_curves.png" and png.stat().st_size > 5_000
