@@ -229,8 +229,7 @@ def run_one(
 
 def member_curves(fold_info: dict) -> list[list[float]]:
     """Each ensemble member's held-aside per-gene PCC after every epoch (empty: no validation)."""
-    manifest = json.loads(fold_info["manifest"])
-    histories = [manifest["history"], *[member["history"] for member in manifest.get("members", [])]]
+    histories = [json.loads(fold_info["history"]), *json.loads(fold_info.get("member_histories", "[]"))]
     return [history["val_pearson_gene"] for history in histories if history.get("val_pearson_gene")]
 
 

@@ -98,7 +98,8 @@ def test_learning_curves_of_every_member_are_collected_and_drawn(table, tmp_path
     model = sthisto.tl.train(
         adata, "histosge_tiny", recipe="small_data", n_members=2, max_epochs=3, store=False, progress=False
     )
-    curves = table.member_curves({"manifest": json.dumps(model.manifest())})
+    info = {"history": json.dumps(model.history), "member_histories": json.dumps([model.members[0].history])}
+    curves = table.member_curves(info)
     assert curves == [model.history["val_pearson_gene"], model.members[0].history["val_pearson_gene"]]
     assert all(len(curve) == len(model.history["epoch"]) for curve in curves[:1])
     path = tmp_path / "learning_curves.json"
