@@ -31,6 +31,7 @@ from .._errors import InputError  # noqa: E402
 from .._logging import logger  # noqa: E402
 from .._spots import library_ids  # noqa: E402
 from ._progress import progress_callbacks  # noqa: E402
+from ._recipes import MONITORS  # noqa: E402
 from ._samplers import EpochShuffleSampler  # noqa: E402
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
@@ -115,10 +116,6 @@ class _EpochReseed(pl.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         torch.manual_seed(self.seed * 7919 + trainer.current_epoch * 104_729 + trainer.global_rank)
-
-
-MONITORS = {"val_loss": "min", "val_pearson_gene": "max"}
-"""What model selection and early stopping can watch on held-aside training data, and which way is better."""
 
 
 class _History(pl.Callback):

@@ -78,14 +78,16 @@ def check_recipe(recipe) -> str:
     return str(recipe)
 
 
+MONITORS = {"val_loss": "min", "val_pearson_gene": "max"}
+"""What model selection and early stopping can watch on held-aside training data, and which way is better."""
+
+
 SELECTION_MONITOR = {"paper": "val_loss", "small_data": "val_pearson_gene"}
 """What each recipe selects the best epoch (and stops early) on, unless ``monitor=`` is given."""
 
 
 def check_monitor(monitor, recipe: str) -> str:
     """The monitored validation metric: the given one, or the recipe's; a clear error otherwise."""
-    from ._loop import MONITORS
-
     if monitor is None:
         return SELECTION_MONITOR[recipe]
     if monitor not in MONITORS:

@@ -94,10 +94,12 @@ def subsection_settings(model, n_fit_spots: int) -> dict[str, int] | None:
 
 
 def position_table_size(network) -> int | None:
-    """Entries per axis of the network's grid-position tables (None when it has none)."""
-    from ..models.layers.position import GridPositionEmbedding
+    """Entries per axis of the network's grid-position tables (None when it has none).
 
-    sizes = [m.n_positions for m in network.modules() if isinstance(m, GridPositionEmbedding)]
+    A position table announces itself with a ``grid_table_size`` attribute, so the engine
+    needs no import from the model layer above it.
+    """
+    sizes = [int(m.grid_table_size) for m in network.modules() if hasattr(m, "grid_table_size")]
     return min(sizes) if sizes else None
 
 

@@ -32,6 +32,11 @@ class GridPositionEmbedding(nn.Module):
         self.x_embed = nn.Embedding(self.n_positions, dim)
         self.y_embed = nn.Embedding(self.n_positions, dim)
 
+    @property
+    def grid_table_size(self) -> int:
+        """Entries per axis; the engine reads it to keep shifted sub-section positions in range."""
+        return self.n_positions
+
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         """Embed ``positions`` (int64 ``(N, 2)``, columns x, y)."""
         if positions.numel():
