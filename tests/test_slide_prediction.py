@@ -270,6 +270,7 @@ sthisto.tl.predict_distributed(adata, model, device="cpu", devices=2, strategy="
 if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # every rank holds the gathered result; one writes it
     np.save({out!r}, adata.layers["ddp"])
     print(adata.uns["sthisto"]["predict"]["ddp"]["streaming"])
+    print("process group open after the call:", torch.distributed.is_initialized())
 """
 
 
@@ -285,8 +286,8 @@ def test_distributed_prediction_on_two_cpu_processes_equals_single_process(data,
             )
         )
     )
-    # An earlier in-process predict_distributed (devices=1) leaves MASTER_ADDR/MASTER_PORT set and
-    # its process group's store bound to that port; a child inheriting them would wait on it.
+    # An earlier in-process predict_distributed (devices=1) leaves Lightning's MASTER_ADDR/MASTER_PORT
+    # in os.environ; a child inheriting them would rendezvous on that port instead of a free one.
     distributed = ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if not k.startswith(distributed)}
     done = subprocess.run(
@@ -294,6 +295,8 @@ def test_distributed_prediction_on_two_cpu_processes_equals_single_process(data,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert '"world_size": 2' in done.stdout
+    # The group Lightning opened is closed: left open, its threads abort the process at exit.
+    assert "process group open after the call: False" in done.stdout
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: CPU reductions repeat bit for bit at equal thread counts
     try:
@@ -303,3 +306,14 @@ def test_distributed_prediction_on_two_cpu_processes_equals_single_process(data,
         section_model.data_params["prediction_chunk_spots"] = None
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(np.load(tmp_path / "ddp.npy"), single)
+
+
+def test_in_process_distributed_prediction_closes_its_process_group_and_matches_predict(data, section_model):
+    adata = data.copy()
+    sthisto.tl._train.store_model(adata, section_model, key_added="sw")
+    assert not torch.distributed.is_initialized()
+    sthisto.tl.predict_distributed(adata, "sw", device="cpu", devices=1, key_added="one_rank")
+    assert not torch.distributed.is_initialized()  # a second call would otherwise join the stale group
+    sthisto.tl.predict_distributed(adata, "sw", device="cpu", devices=1, key_added="again")
+    np.testing.assert_allclose(adata.layers["again"], adata.layers["one_rank"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(adata.layers["one_rank"], section_model.predict(data), rtol=1e-5, atol=1e-6)

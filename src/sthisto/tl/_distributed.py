@@ -127,6 +127,7 @@ def predict_distributed(
 
     module = _PredictionModule(fitted, adata, plan)
     collector = _Gather()
+    group_was_ours = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     from ..engine._loop import _quiet_lightning
 
     with _quiet_lightning(False):
@@ -151,12 +152,16 @@ def predict_distributed(
             sampler=_ShardSampler(len(plan.units)),
             num_workers=int(num_workers),
         )
+        finished = False
         try:
             trainer.predict(module, dataloaders=loader, return_predictions=False)
+            finished = True
         finally:
             fitted._feature_cache = None
             if fitted.network is not None:
                 fitted.network.to("cpu")
+            if group_was_ours:
+                _close_process_group(wait_for_ranks=finished)
     predictions = np.zeros((plan.n_spots, len(fitted.genes)), dtype=np.float32)
     done = np.zeros(len(plan.units), dtype=bool)
     for unit_id, values in collector.results:
@@ -168,6 +173,21 @@ def predict_distributed(
     summary.update(world_size=int(trainer.world_size), strategy=str(strategy))
     request.provenance["streaming"] = json.dumps(summary)
     return _store_predictions(adata, fitted, request, predictions, overwrite=overwrite, copy=copy)
+
+
+def _close_process_group(*, wait_for_ranks: bool) -> None:
+    """Tear down the process group Lightning opened for this call.
+
+    Left open, its gloo threads are still running when the interpreter exits, and the process
+    aborts ("terminate called without an active exception") after its work is done; a later
+    call in the same process would also join the stale group. A group the caller opened
+    (e.g. under torchrun) is theirs and stays. After a failure no barrier is waited on: the
+    other ranks may never reach it.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait_for_ranks:  # no rank leaves while another is still in a collective
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _rank_world() -> tuple[int, int]:
