@@ -253,8 +253,8 @@ def plot_learning_curves(path: Path) -> Path | None:
         ax.axhline(0, color="grey", linewidth=0.6)
         ax.set_title(name.replace("/", " / "), fontsize=8)
         ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)  # fold colours restart in every panel
     axes[0][0].set_ylabel("per-gene PCC, held-aside training data")
-    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)
