@@ -99,7 +99,7 @@ def position_table_size(network) -> int | None:
     A position table announces itself with a ``grid_table_size`` attribute, so the engine
     needs no import from the model layer above it.
     """
-    sizes = [int(m.grid_table_size) for m in network.modules() if hasattr(m, "grid_table_size")]
+    sizes = [m.grid_table_size for m in network.modules() if hasattr(m, "grid_table_size")]
     return min(sizes) if sizes else None
 
 

@@ -127,7 +127,7 @@ def predict_distributed(
 
     module = _PredictionModule(fitted, adata, plan)
     collector = _Gather()
-    group_was_ours = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    group_was_ours = not _group_open()
     from ..engine._loop import _quiet_lightning
 
     with _quiet_lightning(False):
@@ -184,14 +184,18 @@ def _close_process_group(*, wait_for_ranks: bool) -> None:
     (e.g. under torchrun) is theirs and stays. After a failure no barrier is waited on: the
     other ranks may never reach it.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _group_open():
         if wait_for_ranks:  # no rank leaves while another is still in a collective
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
+def _group_open() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _group_open():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
